@@ -1,0 +1,152 @@
+"""Batches on the device: shuffling, pad-crop/flip and float conversion happen where training runs.
+
+In-memory datasets (all CIFAR-sized ones) keep their uint8 tensor on the device and gather each
+batch by index. Lazy datasets (image folders) go through a torch DataLoader with workers and
+pinned memory, then reach the same device-side transform. Side data (per-sample (H,W) tensors
+such as attack masks) is looked up by dataset index and goes through the same crop and flip.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from advpipe.data.batch import Batch
+from advpipe.data.datasets import DatasetSplit
+from advpipe.data.transforms import apply_crop_flip, sample_crop_flip
+
+#: a side source is either an (N,H,W) tensor indexed by dataset index, or a function index -> (B,H,W)
+SideSource = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """Derive a distinct, stable 63-bit seed for one epoch and one random stream."""
+    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+class _IndexedImages(Dataset):
+    """Reads single images of a lazy split for the DataLoader, returning (image, label, index)."""
+
+    def __init__(self, ds: DatasetSplit) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.ds.load_images([i])[0], int(self.ds.labels[i]), i
+
+
+class DeviceLoader:
+    """Yields :class:`Batch` objects on ``device`` with per-sample crop/flip when ``train`` is set.
+
+    Each epoch's order and augmentation come from generators seeded by (seed, epoch), so the same
+    seed gives the same batches and a resumed run continues exactly. With ``world_size > 1`` each
+    rank takes a disjoint, equally long shard of every epoch's shuffled order.
+    """
+
+    def __init__(
+        self,
+        ds: DatasetSplit,
+        *,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        train: bool = True,
+        seed: int = 0,
+        pad: int = 4,
+        flip: bool = True,
+        drop_last: bool | None = None,
+        side: Mapping[str, SideSource] | None = None,
+        workers: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        """Prepare batches of ``ds``; in-memory images are moved to ``device`` once, here."""
+        self.ds = ds
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.train = train
+        self.seed = seed
+        self.pad = pad if train else 0
+        self.flip = flip and train
+        self.drop_last = train if drop_last is None else drop_last
+        self.side = dict(side or {})
+        self.workers = workers
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.images = ds.images.to(self.device) if ds.in_memory else None
+        self.labels = ds.labels.to(self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration produces."""
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.ds)
+        if self.train:
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            per_rank = n // self.world_size if self.train else -(-n // self.world_size)
+            order = order[self.rank :: self.world_size][:per_rank]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self._order())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self._order()
+        if self.drop_last:
+            order = order[: len(order) // self.batch_size * self.batch_size]
+        gen = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream=1))
+        for index, images in self._raw_batches(order):
+            yield self._finish(index, images, gen)
+
+    def _raw_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (dataset indices on device, uint8 images on device) in ``order``."""
+        if self.images is not None:
+            order_dev = order.to(self.device)
+            for start in range(0, len(order_dev), self.batch_size):
+                index = order_dev[start : start + self.batch_size]
+                yield index, self.images.index_select(0, index)
+            return
+        loader = DataLoader(
+            _IndexedImages(self.ds),
+            batch_size=self.batch_size,
+            sampler=order.tolist(),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            multiprocessing_context="spawn" if self.workers > 0 else None,
+        )
+        for images, _, index in loader:
+            yield index.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True)
+
+    def _finish(self, index: torch.Tensor, images: torch.Tensor, gen: torch.Generator) -> Batch:
+        """Look up labels and side data, run crop/flip on all of them, convert images to float."""
+        side = {name: self._side(src, index) for name, src in self.side.items()}
+        if self.train and (self.pad or self.flip):
+            params = sample_crop_flip(len(index), pad=self.pad, flip=self.flip, generator=gen, device=self.device)
+            images = apply_crop_flip(images, params)
+            side = {name: apply_crop_flip(t, params) for name, t in side.items()}
+        floats = images.float().div_(255)
+        if self.device.type == "cuda":
+            floats = floats.contiguous(memory_format=torch.channels_last)
+        return Batch(floats, self.labels[index], index, side)
+
+    def _side(self, src: SideSource, index: torch.Tensor) -> torch.Tensor:
+        if callable(src) and not isinstance(src, torch.Tensor):
+            return src(index).to(self.device)
+        return src[index.to(src.device)].to(self.device)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Return (images - mean) / std for (B,C,H,W) floats (models do this inside their wrapper)."""
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - m) / s

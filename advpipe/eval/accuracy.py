@@ -1,0 +1,48 @@
+"""Clean accuracy: top-1 overall and per class."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from advpipe import progress
+from advpipe.data.batch import Batch
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` (auto = fp16 on CUDA, fp32 on CPU); a no-op for fp32."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, batches: Iterable[Batch], num_classes: int, *,
+                      precision: str = "fp32", description: str = "evaluate", total: int | None = None) -> dict[str, Any]:
+    """Return ``top1``, ``per_class`` accuracies and ``n`` of ``model`` (in eval mode) on ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct = total_seen = None
+    try:
+        for batch in progress.track(batches, description, total=total, unit="batch"):
+            device = batch.images.device
+            if correct is None:
+                correct = torch.zeros(num_classes, dtype=torch.long, device=device)
+                total_seen = torch.zeros(num_classes, dtype=torch.long, device=device)
+            with autocast_context(device, precision):
+                pred = model(batch.images).argmax(1)
+            total_seen.index_add_(0, batch.labels, torch.ones_like(batch.labels))
+            correct.index_add_(0, batch.labels, (pred == batch.labels).long())
+    finally:
+        model.train(was_training)
+    if correct is None:
+        return {"top1": float("nan"), "per_class": [], "n": 0}
+    per_class = (correct.float() / total_seen.clamp(min=1).float()).tolist()
+    n = int(total_seen.sum())
+    return {"top1": float(correct.sum()) / max(n, 1), "per_class": per_class, "n": n}

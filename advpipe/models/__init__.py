@@ -1,0 +1,1 @@
+"""Model registry, normalization wrapper, dual BN and checkpoints."""

@@ -1,0 +1,118 @@
+"""Checkpoints: one ``.pt`` file with the state_dict and metadata, loadable with weights_only=True.
+
+Checkpoints may come from other teams, so loading never unpickles arbitrary objects and every
+field is checked before use.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advpipe import __version__
+from advpipe.errors import AdvpipeError
+from advpipe.utils import atomic_write_bytes
+
+FORMAT = "advpipe-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """The parts of an advpipe checkpoint; ``state`` holds optimizer/scheduler state for resume."""
+
+    arch: str
+    num_classes: int
+    dataset: str
+    fingerprint: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    model_state: dict[str, torch.Tensor]
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    method: str = "standard"
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` to ``path`` atomically (an interrupted save never leaves a half file)."""
+    payload = {
+        "format": FORMAT,
+        "advpipe_version": __version__,
+        "arch": ckpt.arch,
+        "num_classes": ckpt.num_classes,
+        "dataset": ckpt.dataset,
+        "fingerprint": ckpt.fingerprint,
+        "mean": list(ckpt.mean),
+        "std": list(ckpt.std),
+        "image_size": ckpt.image_size,
+        "epoch": ckpt.epoch,
+        "metrics": ckpt.metrics,
+        "config": ckpt.config,
+        "method": ckpt.method,
+        "model_state": ckpt.model_state,
+        "state": ckpt.state,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate an advpipe checkpoint; anything else raises AdvpipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdvpipeError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdvpipeError(f"{path} is not a readable advpipe checkpoint ({first[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise AdvpipeError(f"{path} is not an advpipe checkpoint (expected format {FORMAT!r})")
+    try:
+        ckpt = Checkpoint(
+            arch=_typed(payload, "arch", str),
+            num_classes=_typed(payload, "num_classes", int),
+            dataset=_typed(payload, "dataset", str),
+            fingerprint=_typed(payload, "fingerprint", str),
+            mean=tuple(float(v) for v in payload["mean"]),
+            std=tuple(float(v) for v in payload["std"]),
+            image_size=_typed(payload, "image_size", int),
+            model_state=_typed(payload, "model_state", dict),
+            epoch=_typed(payload, "epoch", int),
+            metrics=_typed(payload, "metrics", dict),
+            config=_typed(payload, "config", dict),
+            method=_typed(payload, "method", str),
+            state=_typed(payload, "state", dict),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: {exc}") from None
+    if not all(isinstance(v, torch.Tensor) for v in ckpt.model_state.values()):
+        raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: model_state holds non-tensors")
+    return ckpt
+
+
+def _typed(payload: dict, key: str, kind: type) -> Any:
+    value = payload[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"field {key!r} should be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch raises AdvpipeError naming the difference."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise AdvpipeError(f"{source} does not fit this architecture: {detail[:200]}") from None

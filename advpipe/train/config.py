@@ -1,0 +1,106 @@
+"""The frozen training configuration, and resolving it from a YAML file plus CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from advpipe.errors import AdvpipeError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; saved beside its outputs as ``config.yaml``."""
+
+    data: str = "embedded"
+    data_dir: str | None = None
+    limit: int | None = None
+    image_size: int | None = None
+    download: bool = False
+    model: str = "resnet20"
+    aug: str = "none"
+    aug_options: Mapping[str, Any] = field(default_factory=dict)
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    masks: str | None = None
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    precision: str = "auto"
+    out: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+    def run_dir(self) -> Path:
+        """The run folder: ``--out`` or ``runs/<data>/<model>/<aug>/``."""
+        return Path(self.out) if self.out else default_run_dir(self.data, self.model, self.aug)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML-able dict of this config."""
+        out = dataclasses.asdict(self)
+        out["milestones"] = list(self.milestones)
+        out["aug_options"] = dict(self.aug_options)
+        out["method_options"] = dict(self.method_options)
+        return out
+
+
+def default_run_dir(data: str, model: str, aug: str) -> Path:
+    """Where a run of ``model`` on ``data`` with ``aug`` lives when no ``--out`` is given."""
+    return Path("runs") / data / model / aug.replace("+", "_")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict of TrainConfig fields (unknown keys are refused)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise AdvpipeError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise AdvpipeError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise AdvpipeError(f"config file {str(path)!r} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise AdvpipeError(f"config file {str(path)!r} has unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrainConfig:
+    """Build the config: dataclass defaults, then the file, then CLI flags that were given."""
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    if "milestones" in values:
+        values["milestones"] = tuple(float(m) for m in values["milestones"])
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse values that cannot make a run, with a message naming the option."""
+    if cfg.epochs < 1:
+        raise AdvpipeError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise AdvpipeError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        raise AdvpipeError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.schedule not in ("cosine", "multistep", "constant"):
+        raise AdvpipeError(f"--schedule must be cosine, multistep or constant, got {cfg.schedule!r}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise AdvpipeError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
+        raise AdvpipeError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+    if cfg.resume and cfg.overwrite:
+        raise AdvpipeError("--resume and --overwrite exclude each other")

@@ -1,0 +1,219 @@
+"""The training loop: one loop for every ``--aug``, readable from top to bottom.
+
+Order of work per step: the device loader yields a cropped/flipped batch in [0,1]; the input
+augmentation (``--aug`` first part) transforms it; the training method (``--aug`` second part)
+computes the loss; the loop backpropagates and steps the optimizer and the per-step schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from advpipe import progress
+from advpipe.augment.base import AugmentContext, build_augment
+from advpipe.data.datasets import DatasetSplit, load_dataset
+from advpipe.data.loader import DeviceLoader, epoch_seed
+from advpipe.errors import AdvpipeError
+from advpipe.eval.accuracy import autocast_context, evaluate_accuracy
+from advpipe.models.build import build_model
+from advpipe.models.checkpoint import Checkpoint, load_checkpoint, load_state_into, save_checkpoint
+from advpipe.models.normalize import unwrap
+from advpipe.train.compose import parse_aug
+from advpipe.train.config import TrainConfig
+from advpipe.train.methods import MethodContext, build_method
+from advpipe.train.schedule import build_scheduler
+from advpipe.utils import check_writable_dir, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run lives and how it ended."""
+
+    run_dir: Path
+    last_metrics: dict[str, Any]
+    best_top1: float
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a classifier as ``cfg`` says, writing metrics.jsonl, last.pt and best.pt to the run folder."""
+    device = resolve_device(cfg.device)
+    aug_name, method_name = parse_aug(cfg.aug)
+    train_ds = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size,
+                            download=cfg.download)
+    test_ds = load_dataset(cfg.data, "test", data_dir=cfg.data_dir, image_size=cfg.image_size, download=cfg.download)
+    if cfg.batch_size > len(train_ds):
+        raise AdvpipeError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)} samples)")
+
+    size = train_ds.image_shape[1:]
+    augment = _build(build_augment, aug_name, AugmentContext(cfg.data, size, train_ds.num_classes, train_ds.mean,
+                                                             cfg.epochs), cfg.aug_options, "aug_options")
+    method = _build(build_method, method_name, MethodContext(train_ds.num_classes, cfg.epochs, size),
+                    cfg.method_options, "method_options")
+    model = method.prepare(build_model(cfg.model, train_ds)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    side = side_sources(augment.needs_side, cfg, train_ds, device)
+
+    run_dir = _prepare_run_dir(cfg)
+    loader = DeviceLoader(train_ds, batch_size=cfg.batch_size, device=device, train=True, seed=cfg.seed,
+                          side=side, workers=cfg.workers)
+    test_loader = DeviceLoader(test_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False,
+                               workers=cfg.workers)
+    steps_per_epoch = len(loader)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=False)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
+                                int(cfg.warmup_epochs * steps_per_epoch), cfg.milestones, cfg.gamma)
+    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    start_epoch, best = 0, -1.0
+    if cfg.resume:
+        start_epoch, best = _restore(run_dir / "last.pt", cfg, train_ds, model, optimizer, scheduler, scaler)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+
+    last: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        augment.set_epoch(epoch, cfg.epochs)
+        method.set_epoch(epoch, cfg.epochs)
+        gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, stream=2))
+        model.train()
+        started = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        correct = seen = 0
+        with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, unit="batch") as bar:
+            for batch in loader:
+                batch = augment(batch, gen)
+                with autocast_context(device, precision):
+                    out = method.step(model, batch, gen)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise AdvpipeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}; try a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for key, value in out.items():
+                    if key != "logits" and value.dim() == 0:
+                        sums[key] = sums.get(key, 0) + value.detach().float()
+                if "logits" in out:
+                    correct += (out["logits"].argmax(1) == batch.labels).sum()
+                    seen += len(batch)
+                bar.advance(1, loss=f"{loss.item():.3f}")
+        elapsed = time.perf_counter() - started
+        test = evaluate_accuracy(model, test_loader, test_ds.num_classes, precision=precision,
+                                 description="test", total=len(test_loader))
+        last = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()},
+            "train_acc": float(correct) / seen if seen else None,
+            "test_acc": test["top1"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": elapsed,
+            "images_per_s": steps_per_epoch * cfg.batch_size / elapsed,
+            **{f"aug_{k}": v for k, v in augment.epoch_metrics().items()},
+        }
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(last) + "\n")
+        is_best = test["top1"] > best
+        best = max(best, test["top1"])
+        ckpt = _checkpoint(cfg, train_ds, model, method_name, epoch + 1, {**last, "best_test_acc": best,
+                                                                          "test_per_class": test["per_class"]})
+        ckpt.state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "best": best}
+        if device.type == "cuda":
+            ckpt.state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(run_dir / "last.pt", ckpt)
+        if is_best:
+            ckpt.state = {}
+            save_checkpoint(run_dir / "best.pt", ckpt)
+        log.info("epoch %d: %s", epoch + 1, last)
+    return TrainResult(run_dir, last, best)
+
+
+def _build(factory, name: str, ctx, options, field_name: str):
+    """Build a registered augmentation or method, turning bad options into a user error."""
+    try:
+        return factory(name, ctx, **dict(options))
+    except TypeError as exc:
+        raise AdvpipeError(f"bad {field_name} for {name!r}: {exc}") from None
+
+
+def side_sources(names: tuple[str, ...], cfg: TrainConfig, ds: DatasetSplit, device: torch.device) -> dict:
+    """Open the per-sample side data an augmentation needs (attack masks come from a mask store)."""
+    sources = {}
+    for name in names:
+        if name == "attack_mask":
+            from advpipe.pipeline.streaming import attack_mask_source
+
+            sources[name] = attack_mask_source(cfg, ds, device)
+        else:
+            raise AdvpipeError(f"no source for side data {name!r}")
+    return sources
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = cfg.run_dir()
+    last = run_dir / "last.pt"
+    if cfg.resume and not last.is_file():
+        raise AdvpipeError(f"--resume: no checkpoint {last} to continue from")
+    if not cfg.resume and not cfg.overwrite and last.is_file():
+        raise AdvpipeError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    check_writable_dir(run_dir, "--out folder")
+    if cfg.overwrite:
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml"):
+            (run_dir / name).unlink(missing_ok=True)
+    return run_dir
+
+
+def _checkpoint(cfg: TrainConfig, ds: DatasetSplit, model: torch.nn.Module, method: str, epoch: int,
+                metrics: dict) -> Checkpoint:
+    net = unwrap(model)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return Checkpoint(arch=cfg.model, num_classes=ds.num_classes, dataset=cfg.data, fingerprint=ds.fingerprint,
+                      mean=ds.mean, std=ds.std, image_size=ds.image_shape[-1], model_state=state, epoch=epoch,
+                      metrics=metrics, config=cfg.to_dict(), method=method)
+
+
+def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Load last.pt into the model and optimizer after checking it belongs to this run."""
+    ckpt = load_checkpoint(path)
+    if ckpt.arch != cfg.model:
+        raise AdvpipeError(f"--resume: {path} holds a {ckpt.arch} model, but --model is {cfg.model}")
+    if ckpt.dataset != cfg.data or ckpt.fingerprint != ds.fingerprint:
+        raise AdvpipeError(f"--resume: {path} was trained on {ckpt.dataset} ({ckpt.fingerprint[:19]}), "
+                           f"not on this {cfg.data} data ({ds.fingerprint[:19]})")
+    if ckpt.epoch >= cfg.epochs:
+        raise AdvpipeError(f"--resume: {path} already finished {ckpt.epoch} of {cfg.epochs} epochs")
+    load_state_into(unwrap(model), ckpt.model_state, source=str(path))
+    try:
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        scaler.load_state_dict(ckpt.state["scaler"])
+        torch.set_rng_state(ckpt.state["rng_cpu"])
+        if "rng_cuda" in ckpt.state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt.state["rng_cuda"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise AdvpipeError(f"--resume: {path} has no usable optimizer state ({exc})") from None
+    return ckpt.epoch, float(ckpt.state.get("best", -1.0))
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines beyond the checkpoint we resume from (they belong to lost work)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= epochs_done]
+    path.write_text("".join(ln + "\n" for ln in keep))

@@ -1,0 +1,95 @@
+"""Small shared helpers: devices, fractions, atomic writes, file hashes, cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from advpipe.errors import AdvpipeError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Return the torch device for ``name``: ``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AdvpipeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdvpipeError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def parse_fraction(text: str, *, name: str = "value", low: float = 0.0, high: float = 1.0) -> Fraction:
+    """Parse ``8/255``, ``0.03137`` or ``8/255.0`` into a Fraction in (low, high] without eval."""
+    forms = "accepted forms: 8/255, 0.03137 or 8/255.0"
+    raw = str(text).strip()
+    try:
+        if raw.count("/") == 1:
+            num, den = (part.strip() for part in raw.split("/"))
+            value = Fraction(num) / Fraction(den)
+        else:
+            value = Fraction(raw)
+    except (ValueError, ZeroDivisionError):
+        raise AdvpipeError(f"invalid {name} {text!r}; {forms}") from None
+    if not (low < value <= high):
+        raise AdvpipeError(f"{name} {text!r} is outside ({low:g}, {high:g}]; {forms}")
+    return value
+
+
+def fraction_str(value: Fraction) -> str:
+    """Write a fraction as ``8/255`` (or ``1`` for whole numbers) for provenance records."""
+    return str(value)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Return advpipe's cache folder: ``$ADVPIPE_CACHE_DIR`` or ``~/.cache/advpipe``."""
+    return Path(os.environ.get("ADVPIPE_CACHE_DIR") or Path.home() / ".cache" / "advpipe")
+
+
+def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and make sure files can be written there, else raise AdvpipeError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise AdvpipeError(f"cannot write to {what} {str(path)!r}: {exc.strerror or exc}") from None
+    return path
