@@ -78,6 +78,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
+def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values are read as YAML scalars or lists (``l=[2,15]``, ``eps=0.03``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AdvpipeError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise AdvpipeError(f"{flag} {item!r}: cannot read the value") from None
+    return out
+
+
 def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrainConfig:
     """Build the config: dataclass defaults, then the file, then CLI flags that were given."""
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}

@@ -28,7 +28,7 @@ from advpipe.models.checkpoint import Checkpoint, load_checkpoint, load_state_in
 from advpipe.models.normalize import unwrap
 from advpipe.train.compose import parse_aug
 from advpipe.train.config import TrainConfig
-from advpipe.train.methods import MethodContext, build_method
+from advpipe.train.methods import Method, MethodContext, build_method
 from advpipe.train.schedule import build_scheduler
 from advpipe.utils import check_writable_dir, resolve_device
 
@@ -79,7 +79,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     start_epoch, best = 0, -1.0
     if cfg.resume:
-        start_epoch, best = _restore(run_dir / "last.pt", cfg, train_ds, model, optimizer, scheduler, scaler)
+        start_epoch, best = _restore(run_dir / "last.pt", cfg, train_ds, method_name, model, optimizer, scheduler, scaler)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
 
@@ -125,14 +125,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             "epoch_time_s": elapsed,
             "images_per_s": steps_per_epoch * cfg.batch_size / elapsed,
             **{f"aug_{k}": v for k, v in augment.epoch_metrics().items()},
+            **{f"method_{k}": v for k, v in method.epoch_metrics().items()},
         }
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(last) + "\n")
         is_best = test["top1"] > best
         best = max(best, test["top1"])
-        ckpt = _checkpoint(cfg, train_ds, model, method_name, epoch + 1, {**last, "best_test_acc": best,
+        ckpt = _checkpoint(cfg, train_ds, model, method, method_name, epoch + 1, {**last, "best_test_acc": best,
                                                                           "test_per_class": test["per_class"]})
-        ckpt.state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        ckpt.state = {"model": _cpu_state(unwrap(model)), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "best": best}
         if device.type == "cuda":
             ckpt.state["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -179,16 +180,21 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def _checkpoint(cfg: TrainConfig, ds: DatasetSplit, model: torch.nn.Module, method: str, epoch: int,
-                metrics: dict) -> Checkpoint:
-    net = unwrap(model)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def _checkpoint(cfg: TrainConfig, ds: DatasetSplit, model: torch.nn.Module, method: Method, method_name: str,
+                epoch: int, metrics: dict) -> Checkpoint:
+    """A checkpoint whose model_state loads into the plain architecture (what evaluation uses)."""
+    state = {k: v.detach().cpu() for k, v in method.export_state(unwrap(model)).items()}
     return Checkpoint(arch=cfg.model, num_classes=ds.num_classes, dataset=cfg.data, fingerprint=ds.fingerprint,
                       mean=ds.mean, std=ds.std, image_size=ds.image_shape[-1], model_state=state, epoch=epoch,
-                      metrics=metrics, config=cfg.to_dict(), method=method)
+                      metrics=metrics, config=cfg.to_dict(), method=method_name)
 
 
-def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, method_name: str, model, optimizer, scheduler,
+             scaler) -> tuple[int, float]:
     """Load last.pt into the model and optimizer after checking it belongs to this run."""
     ckpt = load_checkpoint(path)
     if ckpt.arch != cfg.model:
@@ -198,7 +204,10 @@ def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, model, optimizer, s
                            f"not on this {cfg.data} data ({ds.fingerprint[:19]})")
     if ckpt.epoch >= cfg.epochs:
         raise AdvpipeError(f"--resume: {path} already finished {ckpt.epoch} of {cfg.epochs} epochs")
-    load_state_into(unwrap(model), ckpt.model_state, source=str(path))
+    if ckpt.method != method_name:
+        raise AdvpipeError(f"--resume: {path} was trained with method {ckpt.method}, not {method_name}")
+    # state["model"] is the full training-time state (e.g. both BNs of AdvProp); model_state is the export
+    load_state_into(unwrap(model), ckpt.state.get("model", ckpt.model_state), source=str(path))
     try:
         optimizer.load_state_dict(ckpt.state["optimizer"])
         scheduler.load_state_dict(ckpt.state["scheduler"])

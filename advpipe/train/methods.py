@@ -41,6 +41,14 @@ class Method:
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Hook for schedules that depend on training progress (default: none)."""
 
+    def export_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """The plain-architecture state_dict that evaluation loads (e.g. main BNs only for AdvProp)."""
+        return net.state_dict()
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Statistics gathered since the last call (e.g. mean attack strength), then reset."""
+        return {}
+
 
 class Standard(Method):
     """Plain cross-entropy on the (possibly augmented) batch."""

@@ -1,0 +1,61 @@
+"""``advpipe train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from advpipe.cli import DataDirOpt, DataOpt, app
+from advpipe.cli_util import echo, user_errors
+
+@app.command()
+@user_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of defaults; flags override it."),
+    data: Optional[str] = DataOpt,
+    data_dir: Optional[str] = DataDirOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize folder images to this size."),
+    download: Optional[bool] = typer.Option(None, "--download", help="Fetch CIFAR with torchvision (needs internet)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `advpipe info`); default resnet20."),
+    aug: Optional[str] = typer.Option(None, "--aug", help="AUGMENTATION, METHOD or AUGMENTATION+METHOD; default none."),
+    masks: Optional[str] = typer.Option(None, "--masks", help="Mask store path or URL for --aug advmask."),
+    aug_opt: Optional[list[str]] = typer.Option(None, "--aug-opt", help="KEY=VALUE option of the input augmentation (repeatable)."),
+    method_opt: Optional[list[str]] = typer.Option(None, "--method-opt", help="KEY=VALUE option of the training method (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 30)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak SGD learning rate (default 0.1)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay (default 5e-4)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (default), multistep or constant."),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear LR warmup length."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<data>/<model>/<aug>/)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes for image folders."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run folder from last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run folder."),
+) -> None:
+    """Train a classifier with an augmentation and/or training method."""
+    from advpipe.train.config import parse_key_values, read_config_file, resolve_config
+    from advpipe.train.loop import train as run_train
+
+    file_values = read_config_file(config) if config else {}
+    for key, given in (("aug_options", aug_opt), ("method_options", method_opt)):
+        if given:
+            file_values[key] = {**file_values.get(key, {}), **parse_key_values(given, "--" + key[:-8].replace("_", "-") + "-opt")}
+    overrides = dict(data=data, data_dir=data_dir, limit=limit, image_size=image_size, download=download,
+                     model=model, aug=aug, masks=masks, epochs=epochs, batch_size=batch_size, lr=lr,
+                     weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, precision=precision,
+                     out=out_dir, seed=seed, device=device, workers=workers,
+                     resume=resume or None, overwrite=overwrite or None)
+    cfg = resolve_config(file_values, overrides)
+    result = run_train(cfg)
+    m = result.last_metrics
+    echo(f"run folder: {result.run_dir}")
+    if m:
+        echo(f"epoch {m['epoch']}: test accuracy {m['test_acc']:.4f} (best {result.best_top1:.4f})")
+
+
