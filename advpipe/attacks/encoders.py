@@ -1,0 +1,163 @@
+"""Perturbation encoders H of the AdvMask sparse attack (advmask.txt Sec. III-A a, Eq. 3).
+
+An encoder maps a batch of perturbations ``delta`` (B,C,H,W) to per-pixel mask logits (B,1,H,W);
+the attack turns them into a mask with ``sigmoid(alpha * H(delta))``. Two encoders follow the
+paper: a fully connected layer ``W in R^{(whc) x (wh)}`` for small images and a U-Net for large
+ones. Each encoder is built for one attack call and comes in two scopes:
+
+* ``"batch"``: one encoder shared by every image of the batch (the paper's setting; cheap).
+* ``"image"``: an independent encoder per image, so an image's mask does not depend on its
+  batch-mates (linear only: B weight matrices applied with one ``baddbmm``).
+
+Parameters are initialised from the caller's ``torch.Generator`` (never the global RNG), so the
+same seed gives the same encoder and hence the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advpipe.errors import AdvpipeError
+from advpipe.registry import Registry
+
+#: builder(image_shape (C,H,W), batch_size, scope, options, generator, device) -> encoder module
+EncoderBuilder = Callable[[tuple[int, int, int], int, str, dict, torch.Generator, torch.device], nn.Module]
+
+ENCODERS: Registry[EncoderBuilder] = Registry("sparse-attack encoder")
+
+#: U-Net backbone used when none is given; see docs/attack.md for the speed measurement.
+DEFAULT_UNET_BACKBONE = "mobilenet_v2"
+
+
+class LinearEncoder(nn.Module):
+    """Fully connected encoder ``H(delta) = W vec(delta) + b`` (advmask.txt Sec. III-A a).
+
+    ``scope="batch"`` holds one (C*H*W -> H*W) layer; ``scope="image"`` holds ``batch_size`` of
+    them as (B, C*H*W, H*W) weights, applied per image with ``baddbmm``.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], batch_size: int, scope: str,
+                 generator: torch.Generator, device: torch.device) -> None:
+        """Create and initialise the weights (PyTorch's nn.Linear bounds) from ``generator``."""
+        super().__init__()
+        c, h, w = image_shape
+        fan_in, out = c * h * w, h * w
+        self.image_shape = image_shape
+        self.scope = scope
+        lead = () if scope == "batch" else (batch_size,)
+        # nn.Linear's default init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(fan_in)
+        weight = torch.empty(*lead, fan_in, out, device=device).uniform_(-bound, bound, generator=generator)
+        bias = torch.empty(*lead, out, device=device).uniform_(-bound, bound, generator=generator)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        """Map (B,C,H,W) perturbations to (B,1,H,W) mask logits."""
+        b = delta.shape[0]
+        _, h, w = self.image_shape
+        flat = delta.reshape(b, -1)
+        if self.scope == "batch":
+            out = torch.addmm(self.bias, flat, self.weight)
+        else:
+            if b != self.weight.shape[0]:
+                raise ValueError(f"per-image encoder built for {self.weight.shape[0]} images, got {b}")
+            out = torch.baddbmm(self.bias.unsqueeze(1), flat.unsqueeze(1), self.weight).squeeze(1)
+        return out.view(b, 1, h, w)
+
+
+class UNetEncoder(nn.Module):
+    """U-Net encoder (advmask.txt Sec. III-A a; Ronneberger et al., 2015) via segmentation_models_pytorch.
+
+    Built with ``encoder_weights=None`` (never downloads). The input is zero-padded to a multiple
+    of 32 (smp's U-Net halves the resolution five times) and the output cropped back. BatchNorm
+    runs in train mode, i.e. on the statistics of the current batch of perturbations.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], backbone: str,
+                 generator: torch.Generator, device: torch.device) -> None:
+        """Build the U-Net on the meta device, then materialise and initialise it from ``generator``."""
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        c, h, w = image_shape
+        self.image_shape = image_shape
+        try:
+            # Building on "meta" allocates nothing and draws nothing from the global RNG.
+            with torch.device("meta"):
+                net = smp.Unet(backbone, encoder_weights=None, in_channels=c, classes=1)
+        except KeyError:
+            raise AdvpipeError(
+                f"unknown U-Net backbone {backbone!r}; see segmentation_models_pytorch.encoders.get_encoder_names()"
+            ) from None
+        net.to_empty(device=device)
+        init_from_generator(net, generator)
+        self.net = net
+        self.pad = ((-w) % 32, (-h) % 32)
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        """Map (B,C,H,W) perturbations to (B,1,H,W) mask logits."""
+        _, h, w = self.image_shape
+        pw, ph = self.pad
+        if pw or ph:
+            delta = F.pad(delta, (0, pw, 0, ph))
+        out = self.net(delta)
+        return out[..., :h, :w]
+
+
+def init_from_generator(module: nn.Module, generator: torch.Generator) -> None:
+    """(Re)initialise every parameter and buffer of ``module`` with PyTorch's defaults, drawn from ``generator``.
+
+    Convolutions and linear layers get nn.Conv2d/nn.Linear's default (kaiming-uniform, a=sqrt(5);
+    bias U(+-1/sqrt(fan_in))); normalisation layers get weight 1, bias 0 and fresh running stats.
+    Any other parameterised module raises, so a new layer type cannot silently stay uninitialised.
+    """
+    with torch.no_grad():
+        for sub in module.modules():
+            own = list(sub.parameters(recurse=False))
+            if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)):
+                nn.init.kaiming_uniform_(sub.weight, a=math.sqrt(5), generator=generator)
+                if sub.bias is not None:
+                    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(sub.weight)
+                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    nn.init.uniform_(sub.bias, -bound, bound, generator=generator)
+            elif isinstance(sub, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                sub.reset_parameters()
+            elif own:
+                raise TypeError(f"init_from_generator does not know how to initialise {type(sub).__name__}")
+
+
+def _build_linear(image_shape: tuple[int, int, int], batch_size: int, scope: str, options: dict,
+                  generator: torch.Generator, device: torch.device) -> nn.Module:
+    if options:
+        raise TypeError(f"linear encoder takes no options, got {sorted(options)}")
+    return LinearEncoder(image_shape, batch_size, scope, generator, device)
+
+
+def _build_unet(image_shape: tuple[int, int, int], batch_size: int, scope: str, options: dict,
+                generator: torch.Generator, device: torch.device) -> nn.Module:
+    options = dict(options)
+    backbone = options.pop("backbone", DEFAULT_UNET_BACKBONE)
+    if options:
+        raise TypeError(f"unknown U-Net encoder options {sorted(options)}; known: backbone")
+    if scope != "batch":
+        # B copies of a 6.6M-parameter U-Net plus Adam state do not fit a useful batch; see docs/attack.md.
+        raise AdvpipeError("encoder_scope='image' is supported for the linear encoder only; use encoder_scope='batch' with unet")
+    return UNetEncoder(image_shape, backbone, generator, device)
+
+
+ENCODERS.register("linear", _build_linear)
+ENCODERS.register("unet", _build_unet)
+
+
+def build_encoder(name: str, image_shape: tuple[int, int, int], batch_size: int, *, scope: str = "batch",
+                  options: dict | None = None, generator: torch.Generator, device: torch.device) -> nn.Module:
+    """Build encoder ``name`` for (C,H,W) images, initialised from ``generator`` on ``device``."""
+    if scope not in ("batch", "image"):
+        raise AdvpipeError(f"unknown encoder_scope {scope!r}; choose one of: batch, image")
+    return ENCODERS.get(name)(image_shape, batch_size, scope, dict(options or {}), generator, device)

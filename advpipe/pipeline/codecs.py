@@ -1,0 +1,145 @@
+"""Array layout, codecs and bit packing of the ``advpipe-masks/1`` store (see docs/mask-store.md).
+
+Everything a reader and a writer must agree on byte for byte lives here: the array names, dtypes
+and fill values, the codec chain of each array, the per-sample hash and the bit order of packed
+masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import PackBits
+from zarr.errors import ZarrUserWarning
+
+from advpipe.errors import AdvpipeError
+
+FORMAT = "advpipe-masks/1"
+ATTRS_KEY = "advpipe"
+ZSTD_LEVEL = 3
+SAMPLE_HASH_RULE = "blake2b(digest_size=8) of the image's uint8 HWC C-order bytes, read as little-endian uint64"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-sample array of the store: dtype and the fill value that marks unwritten rows."""
+
+    dtype: np.dtype
+    fill_value: Any
+    per_pixel: bool = False
+
+
+# Fill values are impossible results (-1 counts, NaN norms), so rows of a chunk that was never
+# written cannot be mistaken for data even by a reader that ignores ``chunk_done``.
+ARRAYS: dict[str, ArraySpec] = {
+    "masks": ArraySpec(np.dtype(bool), False, per_pixel=True),
+    "success": ArraySpec(np.dtype(bool), False),
+    "l0": ArraySpec(np.dtype("int32"), -1),
+    "l0_pixels": ArraySpec(np.dtype("int32"), -1),
+    "l2": ArraySpec(np.dtype("float32"), float("nan")),
+    "linf": ArraySpec(np.dtype("float32"), float("nan")),
+    "loss": ArraySpec(np.dtype("float32"), float("nan")),
+    "labels": ArraySpec(np.dtype("int64"), -1),
+    "sample_hash": ArraySpec(np.dtype("uint64"), 0),
+}
+METRICS = ("success", "l0", "l0_pixels", "l2", "linf", "loss")
+DONE_ARRAY = "chunk_done"
+
+
+def codec_kwargs(name: str) -> dict[str, Any]:
+    """Return the ``filters``/``serializer``/``compressors`` keywords of ``create_array`` for ``name``."""
+    # crc32c comes last so it covers the stored (compressed) bytes: a flipped or cut file fails the
+    # checksum before zstd ever sees it.
+    compressors = [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]
+    if name == DONE_ARRAY:
+        compressors = [Crc32cCodec()]  # one byte per object: compression would only add a header
+    filters: list[Any] = []
+    if name == "masks":
+        with quiet_zarr():
+            filters = [PackBits()]
+    return {"filters": filters, "serializer": BytesCodec(endian="little"), "compressors": compressors}
+
+
+@contextlib.contextmanager
+def quiet_zarr() -> Iterator[None]:
+    """Silence zarr's notices that numcodecs codecs and consolidated metadata are outside the v3 spec."""
+    # Both are deliberate format choices documented in docs/mask-store.md; repeating them on every
+    # open would only bury real warnings.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in", category=ZarrUserWarning)
+        warnings.filterwarnings("ignore", message="Consolidated metadata is", category=ZarrUserWarning)
+        yield
+
+
+def sample_hash(images_uint8: np.ndarray, *, layout: Literal["NHWC", "NCHW"] = "NHWC") -> np.ndarray:
+    """Return the (N,) uint64 content hash of each image, as stored in ``sample_hash``.
+
+    The hash is ``blake2b(digest_size=8)`` of the image's uint8 bytes in HWC C-order, read as a
+    little-endian uint64. NCHW input is transposed to HWC first, so both layouts of the same pixels
+    hash alike; (N,H,W) grayscale is hashed as is.
+    """
+    images = np.asarray(images_uint8)
+    if images.dtype != np.uint8:
+        raise AdvpipeError(f"sample_hash needs uint8 images, got {images.dtype}")
+    if layout not in ("NHWC", "NCHW"):
+        raise AdvpipeError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+    if images.ndim == 4 and layout == "NCHW":
+        images = images.transpose(0, 2, 3, 1)
+    elif images.ndim not in (3, 4):
+        raise AdvpipeError(f"sample_hash needs (N,H,W,C), (N,C,H,W) or (N,H,W) images, got shape {images.shape}")
+    digests = b"".join(hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=8).digest() for img in images)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """Bit-pack (N,H,W) bool masks row by row into (N, ceil(H*W/8)) uint8, most significant bit first."""
+    masks = np.asarray(masks, dtype=bool)
+    return np.packbits(masks.reshape(masks.shape[0], -1), axis=1, bitorder="big")
+
+
+def unpack_masks(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Unpack (..., ceil(H*W/8)) uint8 bit-packed masks into (..., H, W) bool on the same device.
+
+    Inverse of :func:`pack_masks` (and of ``MaskStore.read_all_packed``): keep a whole store packed
+    on the GPU (1024 bits = 128 bytes per CIFAR mask) and unpack only the rows of each batch.
+    """
+    if packed.dtype != torch.uint8:
+        raise AdvpipeError(f"packed masks must be uint8, got {packed.dtype}")
+    n_bits = height * width
+    if packed.shape[-1] != math.ceil(n_bits / 8):
+        raise AdvpipeError(f"packed masks have {packed.shape[-1]} bytes per row; {height}x{width} needs {math.ceil(n_bits / 8)}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :n_bits].reshape(*packed.shape[:-1], height, width).bool()
+
+
+def format_eps(eps: str | float | int | Fraction) -> str:
+    """Return eps as a reduced fraction string such as ``"8/255"`` (floats must be an exact small fraction)."""
+    if isinstance(eps, bool):
+        raise AdvpipeError(f"eps must be a number or a fraction string, got {eps!r}")
+    if isinstance(eps, str):
+        try:
+            frac = Fraction(eps.strip())
+        except (ValueError, ZeroDivisionError):
+            raise AdvpipeError(f"eps {eps!r} is not a fraction like '8/255' or a decimal") from None
+    elif isinstance(eps, (int, Fraction)):
+        frac = Fraction(eps)
+    elif isinstance(eps, float) and math.isfinite(eps):
+        # 8/255 arrives as 0.03137254901960784; recover the fraction only if it is exact.
+        frac = Fraction(eps).limit_denominator(10_000)
+        if float(frac) != eps:
+            raise AdvpipeError(f"eps {eps!r} is not a fraction with denominator <= 10000; pass it as a string like '8/255'")
+    else:
+        raise AdvpipeError(f"eps must be a number or a fraction string, got {eps!r}")
+    if frac < 0:
+        raise AdvpipeError(f"eps must be >= 0, got {eps!r}")
+    return str(frac)
