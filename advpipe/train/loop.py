@@ -47,6 +47,16 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a classifier as ``cfg`` says, writing metrics.jsonl, last.pt and best.pt to the run folder."""
     device = resolve_device(cfg.device)
+    # Model init and anything inside the model that draws from torch's global RNG (dropout,
+    # shake-shake) is seeded from cfg.seed in a forked RNG, so the caller's global state is untouched.
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(epoch_seed(cfg.seed, 0, stream=3))
+        return _train(cfg, device)
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
+    """The body of :func:`train`, run inside a forked, seeded global RNG."""
     aug_name, method_name = parse_aug(cfg.aug)
     train_ds = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size,
                             download=cfg.download)

@@ -1,0 +1,107 @@
+"""The CLI as a user runs it: help, version, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from advpipe.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), text
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_help_lists_every_command_with_a_description():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("train", "evaluate", "info"):
+        assert command in result.output
+    from advpipe.commands import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        assert module.replace("_", "-") in result.output
+
+
+def test_version_via_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "advpipe", "--version"], capture_output=True, text=True, timeout=120)
+    from advpipe import __version__
+
+    assert proc.returncode == 0 and proc.stdout.strip() == f"advpipe {__version__}"
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--model", "resnet9000"], ["unknown model", "resnet20"]),
+        (["--data", "mnist3d"], ["unknown dataset", "embedded"]),
+        (["--aug", "sparkles"], ["unknown --aug", "none"]),
+        (["--data", "cifar10", "--data-dir", "/nonexistent/cifar"], ["no cifar10 data", "--download"]),
+        (["--epochs", "0"], ["--epochs must be at least 1"]),
+        (["--batch-size", "5000"], ["larger than the training set"]),
+        (["--data", "synthetic", "--limit", "0"], ["--limit"]),
+        (["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], ["device"]),
+    ],
+)
+def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needles):
+    out = tmp_path / "run"
+    result = run("train", "--out", str(out), *args)
+    _one_line_error(result, *needles)
+    assert not out.exists()
+
+
+def test_non_writable_out_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run("train", "--data", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs", "1",
+                 "--out", str(blocker / "run"))
+    _one_line_error(result, "cannot write to --out folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_bad_config_file_and_key_values(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochz: 3\n")
+    _one_line_error(run("train", "--config", str(cfg)), "unknown keys", "epochz")
+    _one_line_error(run("train", "--aug-opt", "novalue"), "KEY=VALUE")
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    _one_line_error(run("evaluate", "--checkpoint", str(corrupt)), "not a readable advpipe checkpoint")
+    import torch
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    _one_line_error(run("evaluate", "--checkpoint", str(foreign)), "not an advpipe checkpoint")
+    _one_line_error(run("evaluate", "--checkpoint", str(tmp_path / "missing.pt")), "does not exist")
+
+
+def test_info_lists_registries():
+    result = run("info")
+    assert result.exit_code == 0
+    assert "resnet20" in result.output and "embedded" in result.output and "none" in result.output
+
+
+def test_python_m_advpipe_bad_input_has_no_traceback(tmp_path):
+    env = {**os.environ, "ADVPIPE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "advpipe", "train", "--model", "nope", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
