@@ -23,6 +23,11 @@ def train(
     aug: Optional[str] = typer.Option(None, "--aug", help="AUGMENTATION, METHOD or AUGMENTATION+METHOD; default none."),
     masks: Optional[str] = typer.Option(None, "--masks", help="Mask store path or URL for --aug advmask."),
     aug_opt: Optional[list[str]] = typer.Option(None, "--aug-opt", help="KEY=VALUE option of the input augmentation (repeatable)."),
+    advmask_l: Optional[str] = typer.Option(None, "--advmask-l", help="AdvMask square side range L_MIN,L_MAX (e.g. 2,15)."),
+    advmask_p: Optional[str] = typer.Option(None, "--advmask-p", help="AdvMask masked-ratio range P_MIN,P_MAX (e.g. 0.2,0.4)."),
+    advmask_o: Optional[float] = typer.Option(None, "--advmask-o", help="AdvMask maximum overlap o_max (e.g. 0.1)."),
+    aug_prob_max: Optional[float] = typer.Option(None, "--aug-prob-max", help="Final fraction of each batch AdvMask occludes (0.8)."),
+    aug_warmup_epochs: Optional[int] = typer.Option(None, "--aug-warmup-epochs", help="Epochs over which that fraction grows from 0 (default: all)."),
     method_opt: Optional[list[str]] = typer.Option(None, "--method-opt", help="KEY=VALUE option of the training method (repeatable)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 30)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default 128)."),
@@ -39,7 +44,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run folder."),
 ) -> None:
     """Train a classifier with an augmentation and/or training method."""
-    from advpipe.train.config import parse_key_values, read_config_file, resolve_config
+    from advpipe.train.config import parse_key_values, parse_pair, read_config_file, resolve_config
     from advpipe.train.loop import train as run_train
 
     file_values = read_config_file(config) if config else {}
@@ -51,6 +56,11 @@ def train(
                      weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, precision=precision,
                      out=out_dir, seed=seed, device=device, workers=workers,
                      resume=resume or None, overwrite=overwrite or None)
+    shortcuts = {"l": parse_pair(advmask_l, "--advmask-l", int), "p": parse_pair(advmask_p, "--advmask-p", float),
+                 "o": advmask_o, "prob_max": aug_prob_max, "warmup_epochs": aug_warmup_epochs}
+    shortcuts = {k: v for k, v in shortcuts.items() if v is not None}
+    if shortcuts:
+        file_values["aug_options"] = {**file_values.get("aug_options", {}), **shortcuts}
     cfg = resolve_config(file_values, overrides)
     result = run_train(cfg)
     m = result.last_metrics

@@ -92,6 +92,20 @@ def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def parse_pair(text: str | None, flag: str, kind: type) -> list | None:
+    """Parse ``A,B`` into ``[A, B]`` of ``kind`` (None stays None); anything else is refused."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [kind(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2 or values[0] > values[1]:
+        raise AdvpipeError(f"{flag} expects LOW,HIGH with LOW <= HIGH (e.g. {'2,15' if kind is int else '0.2,0.4'}), got {text!r}")
+    return values
+
+
 def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrainConfig:
     """Build the config: dataclass defaults, then the file, then CLI flags that were given."""
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}

@@ -170,7 +170,7 @@ def side_sources(names: tuple[str, ...], cfg: TrainConfig, ds: DatasetSplit, dev
         if name == "attack_mask":
             from advpipe.pipeline.streaming import attack_mask_source
 
-            sources[name] = attack_mask_source(cfg, ds, device)
+            sources[name] = attack_mask_source(cfg.masks, ds, device)
         else:
             raise AdvpipeError(f"no source for side data {name!r}")
     return sources

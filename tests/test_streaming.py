@@ -1,0 +1,123 @@
+"""Mask streaming into training: alignment by index, refusal of mismatched or incomplete stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from advpipe.data.datasets import load_dataset
+from advpipe.data.loader import DeviceLoader
+from advpipe.errors import AdvpipeError
+from advpipe.pipeline.store import create_store, sample_hash
+from advpipe.pipeline.streaming import ChunkCache, ResidentMasks, attack_mask_source, find_store, open_for_training
+from advpipe.train.config import TrainConfig
+from advpipe.train.loop import train
+
+
+def fake_masks(ds) -> np.ndarray:
+    """Deterministic 'attack masks' derived from the images: bright red pixels."""
+    return (ds.images[:, 0] > 200).numpy()
+
+
+def write_store(path, ds, *, chunk_size=64, finalize=True, masks=None):
+    masks = fake_masks(ds) if masks is None else masks
+    prov = {"dataset": {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint},
+            "model": {"arch": "resnet20", "checkpoint_sha256": "0" * 64, "clean_accuracy": 0.5},
+            "attack": {"eps": "8/255", "steps": 1}, "seed": 0}
+    hashes = sample_hash(ds.images.numpy(), layout="NCHW")
+    with create_store(path, n=len(ds), image_shape=ds.image_shape, chunk_size=chunk_size, provenance=prov) as w:
+        for i in w.pending_chunks():
+            a, b = w.chunk_bounds(i)
+            m = masks[a:b]
+            px = m.reshape(len(m), -1).sum(1)
+            w.write_chunk(i, m, ds.labels[a:b].numpy(), hashes[a:b],
+                          {"success": np.ones(b - a, bool), "l0": 3 * px, "l0_pixels": px,
+                           "l2": np.full(b - a, 0.5, np.float32), "linf": np.full(b - a, 8 / 255, np.float32),
+                           "loss": np.zeros(b - a, np.float32)})
+        if finalize:
+            w.finalize()
+    return path
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return load_dataset("embedded", "train", limit=300)
+
+
+@pytest.fixture(scope="module")
+def store_path(ds, tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("s") / "m.zarr", ds)
+
+
+def test_masks_follow_their_image_through_crop_and_flip(ds, store_path):
+    source = attack_mask_source(str(store_path), ds, torch.device("cpu"))
+    assert isinstance(source, ResidentMasks)
+    loader = DeviceLoader(ds, batch_size=50, seed=4, side={"attack_mask": source})
+    for batch in loader:
+        red = (batch.images[:, 0] * 255).round()
+        # the loader cropped/flipped image and mask identically: mask == (red > 200) pixel by pixel
+        assert torch.equal(batch.side["attack_mask"], red > 200)
+
+
+def test_chunk_cache_reads_the_same_masks(ds, store_path):
+    store = open_for_training(str(store_path), ds)
+    cache, resident = ChunkCache(store, torch.device("cpu"), max_chunks=2), ResidentMasks(store, torch.device("cpu"))
+    index = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:100]
+    assert torch.equal(cache(index), resident(index))
+    assert torch.equal(resident(index), torch.from_numpy(fake_masks(ds))[index])
+    assert len(cache._cache) <= 2
+
+
+def test_mismatched_data_is_refused_naming_both_sides(store_path):
+    other = load_dataset("embedded", "train", limit=299)
+    with pytest.raises(AdvpipeError, match="store .* vs data"):
+        attack_mask_source(str(store_path), other, torch.device("cpu"))
+
+
+def test_reordered_rows_are_refused_by_content_hash(ds, tmp_path):
+    path = write_store(tmp_path / "m.zarr", ds)
+    from advpipe.pipeline.store import open_store
+
+    # same fingerprint and shape, but the per-sample hashes belong to other images
+    store = open_store(path)
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    hashes = group["sample_hash"][:]
+    group["sample_hash"][:] = np.roll(hashes, 1)
+    del store
+    with pytest.raises(AdvpipeError, match="content hash"):
+        open_for_training(str(path), ds)
+
+
+def test_incomplete_store_is_refused(ds, tmp_path):
+    path = write_store(tmp_path / "m.zarr", ds, finalize=False)
+    with pytest.raises(AdvpipeError, match="incomplete"):
+        attack_mask_source(str(path), ds, torch.device("cpu"))
+
+
+def test_find_store_picks_the_matching_one_or_says_what_to_run(ds, store_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AdvpipeError, match="advpipe precompute-masks --data embedded --split train --limit 300"):
+        find_store(ds)
+    (tmp_path / "masks").mkdir()
+    import shutil
+
+    shutil.copytree(store_path, tmp_path / "masks" / "x.zarr")
+    assert find_store(ds).endswith("x.zarr")
+
+
+def test_train_with_advmask_streams_masks_and_logs_rates(ds, store_path, tmp_path):
+    before = {p.name: p.read_bytes() for p in sorted(store_path.rglob("*")) if p.is_file()}
+    cfg = TrainConfig(data="embedded", limit=300, model="resnet20", aug="advmask", masks=str(store_path), epochs=2,
+                      batch_size=50, lr=0.05, out=str(tmp_path / "run"), device="cpu")
+    train(cfg)
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # incremental schedule: 0.4 of the batch in epoch 1 of 2, then 0.8
+    assert 0.25 < lines[0]["aug_fraction_augmented"] < 0.55 and 0.65 < lines[1]["aug_fraction_augmented"] < 0.95
+    assert 0.05 < lines[1]["aug_mean_masked_ratio"] <= 0.4 + 1e-6 and "aug_fallback_rate" in lines[1]
+    after = {p.name: p.read_bytes() for p in sorted(store_path.rglob("*")) if p.is_file()}
+    assert before == after  # the store is never modified
