@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +12,22 @@ import typer
 
 from advpipe.cli import DataDirOpt, DataOpt, app
 from advpipe.cli_util import echo, user_errors
+from advpipe.errors import AdvpipeError
+
+def launch_torchrun(nproc: int) -> int:
+    """Rerun this command line under torchrun on ``nproc`` processes and return its exit code."""
+    from advpipe.train.distributed import torchrun_command
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            argv.append(arg)
+    return subprocess.call(torchrun_command(nproc, argv))
+
 
 @app.command()
 @user_errors
@@ -40,10 +59,15 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes for image folders."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Train with DDP on N local processes (launches torchrun)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run folder from last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run folder."),
 ) -> None:
     """Train a classifier with an augmentation and/or training method."""
+    if nproc_per_node < 1:
+        raise AdvpipeError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(launch_torchrun(nproc_per_node))
     from advpipe.train.config import parse_key_values, parse_pair, read_config_file, resolve_config
     from advpipe.train.loop import train as run_train
 
@@ -63,6 +87,8 @@ def train(
         file_values["aug_options"] = {**file_values.get("aug_options", {}), **shortcuts}
     cfg = resolve_config(file_values, overrides)
     result = run_train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     m = result.last_metrics
     echo(f"run folder: {result.run_dir}")
     if m:

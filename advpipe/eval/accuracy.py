@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,8 +24,12 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, batches: Iterable[Batch], num_classes: int, *,
-                      precision: str = "fp32", description: str = "evaluate", total: int | None = None) -> dict[str, Any]:
-    """Return ``top1``, ``per_class`` accuracies and ``n`` of ``model`` (in eval mode) on ``batches``."""
+                      precision: str = "fp32", description: str = "evaluate", total: int | None = None,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Return ``top1``, ``per_class`` accuracies and ``n`` of ``model`` (in eval mode) on ``batches``.
+
+    ``reduce`` sums the per-class counts over processes when each evaluated a shard.
+    """
     was_training = model.training
     model.eval()
     correct = total_seen = None
@@ -42,7 +46,11 @@ def evaluate_accuracy(model: nn.Module, batches: Iterable[Batch], num_classes: i
     finally:
         model.train(was_training)
     if correct is None:
-        return {"top1": float("nan"), "per_class": [], "n": 0}
+        correct = torch.zeros(num_classes, dtype=torch.long)
+        total_seen = torch.zeros(num_classes, dtype=torch.long)
+    if reduce is not None:
+        counts = reduce(torch.stack([correct, total_seen]).to(correct.device))
+        correct, total_seen = counts[0], counts[1]
     per_class = (correct.float() / total_seen.clamp(min=1).float()).tolist()
     n = int(total_seen.sum())
     return {"top1": float(correct.sum()) / max(n, 1), "per_class": per_class, "n": n}

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from advpipe import progress
 from advpipe.augment.base import AugmentContext, build_augment
@@ -28,6 +29,7 @@ from advpipe.models.checkpoint import Checkpoint, load_checkpoint, load_state_in
 from advpipe.models.normalize import unwrap
 from advpipe.train.compose import parse_aug
 from advpipe.train.config import TrainConfig
+from advpipe.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from advpipe.train.methods import Method, MethodContext, build_method
 from advpipe.train.schedule import build_scheduler
 from advpipe.utils import check_writable_dir, resolve_device
@@ -42,27 +44,36 @@ class TrainResult:
     run_dir: Path
     last_metrics: dict[str, Any]
     best_top1: float
+    model: torch.nn.Module
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a classifier as ``cfg`` says, writing metrics.jsonl, last.pt and best.pt to the run folder."""
-    device = resolve_device(cfg.device)
+    info, device = init_distributed(resolve_device(cfg.device))
     # Model init and anything inside the model that draws from torch's global RNG (dropout,
     # shake-shake) is seeded from cfg.seed in a forked RNG, so the caller's global state is untouched.
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(epoch_seed(cfg.seed, 0, stream=3))
-        return _train(cfg, device)
+        # Only rank 0 shows progress; the others train silently.
+        previous = None if info.is_main else progress.use_reporter(progress.NullReporter())
+        try:
+            return _train(cfg, device, info)
+        finally:
+            if previous is not None:
+                progress.use_reporter(previous)
+            shutdown(info)
 
 
-def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResult:
     """The body of :func:`train`, run inside a forked, seeded global RNG."""
     aug_name, method_name = parse_aug(cfg.aug)
     train_ds = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size,
                             download=cfg.download)
     test_ds = load_dataset(cfg.data, "test", data_dir=cfg.data_dir, image_size=cfg.image_size, download=cfg.download)
-    if cfg.batch_size > len(train_ds):
-        raise AdvpipeError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_ds)} samples)")
+    if cfg.batch_size * info.world_size > len(train_ds):
+        raise AdvpipeError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is larger than the training "
+                           f"set ({len(train_ds)} samples)")
 
     size = train_ds.image_shape[1:]
     augment = _build(build_augment, aug_name, AugmentContext(cfg.data, size, train_ds.num_classes, train_ds.mean,
@@ -74,11 +85,12 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
         model = model.to(memory_format=torch.channels_last)
     side = side_sources(augment.needs_side, cfg, train_ds, device)
 
-    run_dir = _prepare_run_dir(cfg)
+    run_dir = _prepare_run_dir(cfg, info)
+    # --batch-size is per process: with N processes each step sees N x batch-size samples
     loader = DeviceLoader(train_ds, batch_size=cfg.batch_size, device=device, train=True, seed=cfg.seed,
-                          side=side, workers=cfg.workers)
+                          side=side, workers=cfg.workers, rank=info.rank, world_size=info.world_size)
     test_loader = DeviceLoader(test_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False,
-                               workers=cfg.workers)
+                               workers=cfg.workers, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(loader)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=False)
@@ -90,8 +102,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
     start_epoch, best = 0, -1.0
     if cfg.resume:
         start_epoch, best = _restore(run_dir / "last.pt", cfg, train_ds, method_name, model, optimizer, scheduler, scaler)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+    if info.enabled:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
 
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -125,22 +140,29 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
                 bar.advance(1, loss=f"{loss.item():.3f}")
         elapsed = time.perf_counter() - started
         test = evaluate_accuracy(model, test_loader, test_ds.num_classes, precision=precision,
-                                 description="test", total=len(test_loader))
+                                 description="test", total=len(test_loader), reduce=lambda t: all_reduce_sum(t, info))
+        keys = sorted(sums)
+        totals = all_reduce_sum(torch.stack([torch.as_tensor(float(sums[k])) for k in keys]
+                                            + [torch.as_tensor(float(correct)), torch.as_tensor(float(seen))]).to(device), info).cpu()
+        world_steps = steps_per_epoch * info.world_size
         last = {
             "epoch": epoch + 1,
-            **{f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()},
-            "train_acc": float(correct) / seen if seen else None,
+            **{f"train_{k}": float(v) / world_steps for k, v in zip(keys, totals[: len(keys)])},
+            "train_acc": float(totals[-2] / totals[-1]) if float(totals[-1]) else None,
             "test_acc": test["top1"],
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed,
-            "images_per_s": steps_per_epoch * cfg.batch_size / elapsed,
+            "images_per_s": world_steps * cfg.batch_size / elapsed,
             **{f"aug_{k}": v for k, v in augment.epoch_metrics().items()},
             **{f"method_{k}": v for k, v in method.epoch_metrics().items()},
         }
-        with open(run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(last) + "\n")
         is_best = test["top1"] > best
         best = max(best, test["top1"])
+        if not info.is_main:
+            barrier(info)  # rank 0 writes the checkpoint; the others wait so a crash never splits the run
+            continue
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(last) + "\n")
         ckpt = _checkpoint(cfg, train_ds, model, method, method_name, epoch + 1, {**last, "best_test_acc": best,
                                                                           "test_per_class": test["per_class"]})
         ckpt.state = {"model": _cpu_state(unwrap(model)), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -152,7 +174,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> TrainResult:
             ckpt.state = {}
             save_checkpoint(run_dir / "best.pt", ckpt)
         log.info("epoch %d: %s", epoch + 1, last)
-    return TrainResult(run_dir, last, best)
+        barrier(info)
+    return TrainResult(run_dir, last, best, unwrap(model))
 
 
 def _build(factory, name: str, ctx, options, field_name: str):
@@ -176,13 +199,16 @@ def side_sources(names: tuple[str, ...], cfg: TrainConfig, ds: DatasetSplit, dev
     return sources
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
     run_dir = cfg.run_dir()
     last = run_dir / "last.pt"
     if cfg.resume and not last.is_file():
         raise AdvpipeError(f"--resume: no checkpoint {last} to continue from")
     if not cfg.resume and not cfg.overwrite and last.is_file():
         raise AdvpipeError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    barrier(info)  # every rank has checked the folder before rank 0 changes it
+    if not info.is_main:
+        return run_dir
     check_writable_dir(run_dir, "--out folder")
     if cfg.overwrite:
         for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml"):
