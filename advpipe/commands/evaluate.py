@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -12,6 +11,7 @@ from rich.table import Table
 from advpipe.cli import DataDirOpt, DeviceOpt, app, out
 from advpipe.cli_util import echo, user_errors
 from advpipe.errors import AdvpipeError
+
 
 @app.command()
 @user_errors
@@ -23,30 +23,74 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N samples only."),
     batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
     device: str = DeviceOpt,
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    attack: Optional[list[str]] = typer.Option(
+        None, "--attack", help="Attack spec, repeatable: 'default' (M2AT suite: FGSM, PGD-10, PGD-20, CW-20 at 8/255), "
+                               "fgsm:eps=8/255, pgd:eps=8/255,steps=10[,step=2/255], cw:steps=20, "
+                               "pgd-ll:eps=0.04,steps=10, mifgsm-transfer:surrogate=PATH,eps=0.04."),
+    corruptions: Optional[str] = typer.Option(None, "--corruptions", help="'all' or a comma list of corruption names."),
+    severities: str = typer.Option("1-5", "--severities", help="Corruption severities: 1-5, 1,3,5 or 3."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the attacks' and corruptions' random draws."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16, fp16 or auto."),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", help="Write the results as JSON here (default: RUN_DIR/eval.json when the checkpoint "
+                             "is in a run folder)."),
 ) -> None:
-    """Measure a checkpoint's top-1 and per-class accuracy."""
-    from advpipe.eval.run import EvalConfig, evaluate as run_eval
-    from advpipe.utils import atomic_write_text
+    """Measure a checkpoint's clean, adversarial and corruption accuracy and robustness scores."""
+    from advpipe.eval.corruptions import parse_corruption_list, parse_severities
+    from advpipe.eval.run import EvalConfig, default_eval_path, evaluate as run_eval, write_eval_json
+    from advpipe.eval.specs import parse_attack_specs
 
     if batch_size < 1:
         raise AdvpipeError(f"--batch-size must be at least 1, got {batch_size}")
-    result = run_eval(EvalConfig(checkpoint=str(checkpoint), data=data, data_dir=data_dir, split=split, limit=limit,
-                                 batch_size=batch_size, device=device))
+    parse_attack_specs(attack or [])  # refuse bad specs before loading anything
+    cfg = EvalConfig(checkpoint=str(checkpoint), data=data, data_dir=data_dir, split=split, limit=limit,
+                     batch_size=batch_size, device=device, precision=precision, attacks=tuple(attack or ()),
+                     corruptions=tuple(parse_corruption_list(corruptions)), severities=parse_severities(severities),
+                     seed=seed)
+    result = run_eval(cfg)
+    out.print(_class_table(result, split))
+    if result["attacks"] or result["corruptions"]:
+        out.print(_robustness_table(result, cfg.severities))
+    target = json_path or default_eval_path(checkpoint)
+    if target is not None:
+        echo(f"wrote {write_eval_json(result, target)}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _class_table(result: dict[str, Any], split: str) -> Table:
     clean = result["clean"]
-    table = Table(title=f"{result['checkpoint']['arch']} on {result['data']['name']}/{split} "
-                        f"({clean['n']} images)")
+    table = Table(title=f"{result['checkpoint']['arch']} on {result['data']['name']}/{split} ({clean['n']} images)")
     table.add_column("class")
     table.add_column("top-1", justify="right")
     for name, acc in zip(result["data"]["class_names"], clean["per_class"]):
-        table.add_row(name, f"{100 * acc:.2f}%")
-    table.add_row("[bold]all[/bold]", f"[bold]{100 * clean['top1']:.2f}%[/bold]")
-    out.print(table)
-    if json_path:
-        try:
-            atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-        except OSError as exc:
-            raise AdvpipeError(f"cannot write --json {str(json_path)!r}: {exc.strerror}") from None
-        echo(f"wrote {json_path}")
+        table.add_row(name, _pct(acc))
+    table.add_row("[bold]all[/bold]", f"[bold]{_pct(clean['top1'])}[/bold]")
+    return table
 
 
+def _robustness_table(result: dict[str, Any], severities: tuple[int, ...]) -> Table:
+    table = Table(title="robustness (R = A_perturbed / A_clean)")
+    table.add_column("perturbation")
+    table.add_column("top-1", justify="right")
+    table.add_column("R", justify="right")
+    for s in severities:
+        table.add_column(f"s{s}", justify="right")
+    blank = [""] * len(severities)
+    table.add_row("clean", _pct(result["clean"]["top1"]), _score(1.0 if result["clean"]["top1"] else None), *blank)
+    for entry in result["attacks"].values():
+        table.add_row(entry["label"], _pct(entry["top1"]), _score(entry["robustness"]), *blank)
+    for name, entry in result["corruptions"].items():
+        table.add_row(name, _pct(entry["top1"]), _score(entry["robustness"]),
+                      *(_pct(level["top1"]) for level in entry["severities"]))
+    summary = result["summary"]
+    if result["corruptions"]:
+        table.add_row("[bold]mean corruption[/bold]", f"[bold]{_pct(summary['mean_corruption_top1'])}[/bold]",
+                      f"[bold]{_score(summary['mean_corruption_robustness'])}[/bold]", *blank)
+    return table
