@@ -253,12 +253,15 @@ def parse_attrs(raw: Any) -> dict[str, Any]:
 def summarize(success: np.ndarray, stats: dict[str, np.ndarray]) -> dict[str, Any]:
     """Return ASR over all N images and mean/median of l0, l0_pixels, l2, linf over successful images.
 
-    Means and medians are ``None`` when no image was attacked successfully.
+    One code path with the evaluation's norm statistics (:func:`advpipe.eval.robustness.summarize_norms`),
+    flattened into the store's attribute keys. Means and medians are ``None`` when no image was
+    attacked successfully.
     """
-    n_success = int(success.sum())
-    summary: dict[str, Any] = {"n": int(success.size), "n_success": n_success, "asr": n_success / success.size}
+    from advpipe.eval.robustness import summarize_norms
+
+    shared = summarize_norms({name: stats[name] for name in SUMMARY_STATS}, success)
+    summary: dict[str, Any] = {"n": shared["n"], "n_success": shared["successes"], "asr": shared["asr"]}
     for name in SUMMARY_STATS:
-        values = stats[name][success].astype(np.float64)
-        summary[f"{name}_mean"] = float(values.mean()) if n_success else None
-        summary[f"{name}_median"] = float(np.median(values)) if n_success else None
+        summary[f"{name}_mean"] = shared[name]["mean"]
+        summary[f"{name}_median"] = shared[name]["median"]
     return summary
