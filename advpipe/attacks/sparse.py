@@ -198,7 +198,6 @@ class SparseAttackConfig:
     lambda_up: float = 1.2
     lambda_down: float = 0.5
     keep_best: bool = True
-    check_every: int = 1
     init_attack: str = "pgd"
     init_steps: int = 10
     init_step_size: float | Fraction | None = None
@@ -222,7 +221,6 @@ class SparseAttackConfig:
 
         positive_int("steps")
         positive_int("init_steps")
-        positive_int("check_every")
         number("eps", strict=True)
         if self.eps > 1:
             raise AdvpipeError(f"sparse attack eps is in [0,1] pixel units, got {self.eps}")
@@ -278,6 +276,7 @@ class SparseAttackResult:
 
     ``mask`` is the binary attack mask ``m > 0.5`` (B,H,W); ``delta`` (B,C,H,W) is the perturbation
     it selects from, so the attack is ``clamp(x + delta * mask, 0, 1)`` (see :meth:`adversarial`).
+    ``soft_mask`` (B,H,W) is the final iterate's ``sigmoid(alpha_max * H(delta))``, for inspection.
     Norms are those of ``delta * mask``: ``l0_elements`` counts non-zero entries over C*H*W,
     ``l0_pixels`` counts pixels with any non-zero channel. ``success`` is checked in float32:
     misclassified (untargeted) or classified as ``targets`` (targeted). ``loss`` is Eq. (4) at the
@@ -287,6 +286,7 @@ class SparseAttackResult:
 
     mask: torch.Tensor
     delta: torch.Tensor
+    soft_mask: torch.Tensor
     success: torch.Tensor
     l0_elements: torch.Tensor
     l0_pixels: torch.Tensor
@@ -331,6 +331,18 @@ class SparseAttackResult:
         }
 
 
+@dataclass
+class StepInfo:
+    """What ``on_step`` sees after optimisation step ``step``: the soft mask (B,H,W) it used, etc."""
+
+    step: int
+    alpha: float
+    soft_mask: torch.Tensor
+    soft_success: torch.Tensor
+    loss: torch.Tensor
+    lambda_multiplier: torch.Tensor | None
+
+
 # --------------------------------------------------------------------------------------------
 # The attack
 # --------------------------------------------------------------------------------------------
@@ -344,6 +356,7 @@ def sparse_attack(
     *,
     generator: torch.Generator,
     targets: torch.Tensor | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> SparseAttackResult:
     """Run the AdvMask sparse attack (advmask.txt Eq. 3-6) on a batch and return masks and metrics.
 
@@ -351,7 +364,8 @@ def sparse_attack(
     its parameters' gradients are not touched). ``x`` is (B,C,H,W) in [0,1], ``y`` (B,) the true
     labels. With ``config.targeted`` the targets are ``targets`` if given, else picked by
     ``config.target``. All randomness (targets, dense start, encoder init, initial delta) comes
-    from ``generator``, which must live on ``x``'s device.
+    from ``generator``, which must live on ``x``'s device. ``on_step``, if given, is called after
+    every optimisation step with a :class:`StepInfo` (for diagnostics such as mask-freeze curves).
     """
     if not isinstance(config, SparseAttackConfig):
         raise TypeError(f"config must be a SparseAttackConfig, got {type(config).__name__}")
@@ -368,20 +382,22 @@ def sparse_attack(
         log.warning("sparse_attack: the model is in train mode; BatchNorm statistics will change (call model.eval())")
 
     cfg = config.resolve(tuple(x.shape[1:]))
-    return _SparseRun(model, x.detach().float(), y.detach().long(), cfg, generator, targets).run()
+    return _SparseRun(model, x.detach().float(), y.detach().long(), cfg, generator, targets, on_step).run()
 
 
 class _SparseRun:
     """State of one batched attack run (kept in an object so the step stays readable)."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SparseAttackConfig,
-                 generator: torch.Generator, targets: torch.Tensor | None) -> None:
+                 generator: torch.Generator, targets: torch.Tensor | None,
+                 on_step: Callable[[StepInfo], None] | None) -> None:
         self.model, self.x, self.y, self.cfg, self.gen = model, x, y, cfg, generator
         self.device = x.device
         self.eps = float(cfg.eps)
         dtype = _AUTOCAST.get(cfg.autocast_dtype) if cfg.autocast_dtype else None
         self.autocast_dtype = dtype
         self.targets_in = targets
+        self.on_step = on_step
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -426,7 +442,8 @@ class _SparseRun:
                                 generator=self.gen, device=self.device)
         encoder.train()
         params = [p for p in encoder.parameters()]
-        optimizer = torch.optim.Adam(params, lr=cfg.adam_lr)
+        # The fused kernel is ~10x faster than the foreach one for a 3M-parameter encoder on CPU.
+        optimizer = torch.optim.Adam(params, lr=cfg.adam_lr, fused=True)
 
         # The eps ball intersected with the image box, as offsets from x.
         lo = (-x).clamp_(min=-self.eps)
@@ -446,10 +463,17 @@ class _SparseRun:
         best_delta = torch.zeros_like(delta)
         best_step = torch.full((b,), cfg.steps, dtype=torch.long, device=self.device)
 
-        def consider(d: torch.Tensor, mask_bin: torch.Tensor, step: int) -> None:
-            """Keep (d, mask) for images where it is sparser than their best and succeeds in fp32."""
+        def consider(d: torch.Tensor, mask_bin: torch.Tensor, step: int, hint: torch.Tensor | None) -> None:
+            """Keep (d, mask) for images where it is sparser than their best and succeeds in fp32.
+
+            ``hint`` (the soft-mask forward's success) limits the fp32 check to promising images:
+            checking every image every step would cost half a step more (forward ~ input-only backward).
+            """
             pix = mask_bin.flatten(1).sum(1)
-            idx = (pix < best_pix).nonzero().squeeze(1)
+            cand = pix < best_pix
+            if hint is not None:
+                cand &= hint
+            idx = cand.nonzero().squeeze(1)
             if idx.numel() == 0:
                 return
             m_sel = mask_bin[idx].unsqueeze(1).to(d.dtype)
@@ -479,12 +503,17 @@ class _SparseRun:
                     if rule.multiplier is not None:
                         lam = lam * rule.multiplier
                     loss_i = l_cls + lam * m_flat.mean(1)
-                    grads = torch.autograd.grad(loss_i.sum(), [leaf, *params])
+                    # allow_unused: some smp backbones (efficientnet) hold parameters the U-Net never uses.
+                    grads = torch.autograd.grad(loss_i.sum(), [leaf, *params], allow_unused=True)
 
-                if cfg.keep_best and step % cfg.check_every == 0:
-                    consider(delta, (m.detach() > 0.5).squeeze(1), step)
                 pred = logits.detach().argmax(1)
-                rule.update(pred == label if cfg.targeted else pred != label)
+                soft_success = pred == label if cfg.targeted else pred != label
+                if cfg.keep_best:
+                    consider(delta, (m.detach() > 0.5).squeeze(1), step, soft_success)
+                rule.update(soft_success)
+                if self.on_step is not None:
+                    self.on_step(StepInfo(step, alpha, m.detach().squeeze(1), soft_success, loss_i.detach(),
+                                          None if rule.multiplier is None else rule.multiplier.clone()))
 
                 for p, g in zip(params, grads[1:]):
                     p.grad = g
@@ -499,9 +528,10 @@ class _SparseRun:
                 bar.advance(1, alpha=round(alpha, 3))
 
         with torch.no_grad():
-            final_mask = (torch.sigmoid(alpha * encoder(delta)) > 0.5).squeeze(1)
+            final_soft = torch.sigmoid(alpha * encoder(delta)).squeeze(1)
+        final_mask = final_soft > 0.5
         if cfg.keep_best:
-            consider(delta, final_mask, cfg.steps)
+            consider(delta, final_mask, cfg.steps, None)
             found = best_pix <= n_pix
             keep = found.view(b, 1, 1)
             mask = torch.where(keep, best_mask, final_mask)
@@ -517,6 +547,7 @@ class _SparseRun:
         return SparseAttackResult(
             mask=mask,
             delta=delta_out,
+            soft_mask=final_soft,
             success=success,
             l0_elements=nz.flatten(1).sum(1),
             l0_pixels=nz.any(dim=1).flatten(1).sum(1),
@@ -540,6 +571,7 @@ def _empty_result(x: torch.Tensor, cfg: SparseAttackConfig) -> SparseAttackResul
     zb = torch.zeros(0, dtype=torch.bool, device=x.device)
     return SparseAttackResult(
         mask=torch.zeros((0, h, w), dtype=torch.bool, device=x.device), delta=torch.zeros_like(x),
+        soft_mask=torch.zeros((0, h, w), device=x.device),
         success=zb, l0_elements=zl, l0_pixels=zl, l2=zf, linf=zf, loss=zf, l_init=zf, init_success=zb,
         clean_correct=zb, best_step=zl, targets=zl if cfg.targeted else None, config=cfg.to_dict(),
     )

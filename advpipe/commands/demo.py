@@ -1,0 +1,49 @@
+"""``advpipe demo``: the whole pipeline on the embedded data."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from advpipe.cli import DataDirOpt, app, out
+from advpipe.cli_util import echo, user_errors
+from advpipe.errors import AdvpipeError
+
+
+@app.command()
+@user_errors
+def demo(
+    out_dir: str = typer.Option("demo", "--out", help="Folder for runs, masks and the preview."),
+    data: str = typer.Option("embedded", "--data", help="Dataset (embedded needs no files)."),
+    data_dir: Optional[str] = DataDirOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
+    model: str = typer.Option("resnet20", "--model", help="Architecture for both runs."),
+    epochs: int = typer.Option(15, "--epochs", help="Epochs of each training run."),
+    attack_steps: int = typer.Option(40, "--attack-steps", help="Steps of the sparse attack."),
+    eps: str = typer.Option("8/255", "--eps", help="l_inf budget of the sparse attack (8/255, 0.03137)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo every stage instead of reusing finished ones."),
+) -> None:
+    """Train, precompute AdvMask masks, train with --aug advmask, evaluate and compare."""
+    from advpipe.demo import DemoConfig, run_demo
+    from advpipe.utils import parse_fraction
+
+    if epochs < 1 or attack_steps < 1:
+        raise AdvpipeError("--epochs and --attack-steps must be at least 1")
+    result = run_demo(DemoConfig(out=out_dir, data=data, data_dir=data_dir, limit=limit, model=model, epochs=epochs,
+                                 attack_steps=attack_steps, eps=parse_fraction(eps, name="--eps"), device=device,
+                                 seed=seed, overwrite=overwrite))
+    s = result.mask_summary
+    echo(f"mask store: {result.store} (ASR {100 * (s.get('asr') or 0):.1f}%, "
+         f"median l0 {s.get('l0_pixels_median') or 0:.0f} pixels)")
+    table = Table(title=f"{model} on {data}: none vs advmask")
+    for col in ("--aug", "clean top-1", "attack", "robust top-1", "run folder"):
+        table.add_column(col, justify="right" if "top-1" in col else "left")
+    for row in result.rows:
+        table.add_row(row["aug"], f"{100 * row['clean_top1']:.2f}%", row["attack"], f"{100 * row['robust_top1']:.2f}%",
+                      row["run"])
+    out.print(table)
+    echo(f"preview: {result.preview}")

@@ -1,0 +1,616 @@
+"""Precompute stage: run the AdvMask sparse attack over a dataset split into a mask store.
+
+The store (docs/mask-store.md) is cut into chunks of ``chunk_size`` samples; one chunk is one unit
+of work. :func:`precompute_masks` plans the pending chunks and hands each chunk index to exactly one
+call of :func:`run_chunk`: either in this process (``workers=0``) or as one task on a
+dask.distributed cluster (a local one it starts, or an existing scheduler). The task writes its
+chunk straight into the store through the picklable writer, so a killed run loses only the chunks
+in flight and the next run with the same configuration continues with the rest.
+
+Reproducibility: every chunk draws its attack randomness from a generator seeded by (seed, chunk
+index), never by worker, so the store does not depend on how many workers ran it or in which order
+(on the same device type and thread count; float reductions differ between CPU thread counts and
+between CPU and GPU). The batch size is part of the recorded attack configuration because the
+attack's encoder is shared by the images of a batch (``encoder_scope="batch"``).
+
+See docs/precompute.md for the command, how the model is found, and cluster setup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
+from advpipe.data.datasets import DatasetSplit, load_dataset
+from advpipe.errors import AdvpipeError
+from advpipe.models.checkpoint import Checkpoint, load_checkpoint
+from advpipe.pipeline.store import (
+    DEFAULT_CHUNK_SIZE,
+    MaskStoreWriter,
+    create_store,
+    open_store,
+    sample_hash,
+)
+from advpipe.progress import task
+from advpipe.utils import resolve_device, sha256_file
+
+__all__ = [
+    "ATTACK_FLAGS",
+    "ChunkJob",
+    "ChunkOutcome",
+    "DEFAULT_BATCH_SIZE",
+    "PrecomputeConfig",
+    "PrecomputeResult",
+    "attack_config",
+    "chunk_seed",
+    "default_checkpoint",
+    "default_store_path",
+    "plan_local_workers",
+    "precompute_masks",
+    "run_chunk",
+]
+
+log = logging.getLogger(__name__)
+
+#: images per attack call; a 500-sample chunk is 5 batches. The encoder is shared per batch.
+DEFAULT_BATCH_SIZE = 100
+#: SparseAttackConfig fields that have their own command-line flag (never set via attack_options)
+ATTACK_FLAGS = {"eps": "--eps", "steps": "--steps", "encoder": "--encoder", "targeted": "--targeted",
+                "target": "--targeted"}
+_FRACTION_FIELDS = ("beta", "init_step_size")
+TARGET_MODES = ("random", "least-likely")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything a precompute run depends on (the command builds it from its flags).
+
+    ``model`` names the architecture whose default checkpoint ``runs/<data>/<model>/none/best.pt``
+    is attacked unless ``checkpoint`` is given. ``steps``/``encoder`` of None keep the attack's
+    defaults; ``targeted`` is None (untargeted), ``"random"`` or ``"least-likely"``;
+    ``attack_options`` sets any other :class:`SparseAttackConfig` field. ``workers`` = 0 runs in
+    this process, None = one worker per visible GPU (one on CPU); ``scheduler`` is the address of
+    an existing dask scheduler instead of a local cluster.
+    """
+
+    data: str = "embedded"
+    model: str | None = None
+    checkpoint: str | None = None
+    split: str = "train"
+    data_dir: str | None = None
+    limit: int | None = None
+    eps: Fraction = Fraction(8, 255)
+    steps: int | None = None
+    encoder: str | None = None
+    targeted: str | None = None
+    attack_options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    workers: int | None = None
+    scheduler: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """What a worker needs to attack any chunk of one run (pickled to every task)."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    data: str
+    split: str
+    data_dir: str | None
+    limit: int | None
+    image_size: int
+    fingerprint: str
+    attack: SparseAttackConfig
+    batch_size: int
+    seed: int
+    device: str
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What one finished chunk reports back to the runner."""
+
+    index: int
+    n_images: int
+    n_success: int
+    seconds: float
+
+
+@dataclass
+class PrecomputeResult:
+    """A finished run: where the store is, its summary and how much work this invocation did."""
+
+    path: Path
+    summary: dict[str, Any]
+    provenance: dict[str, Any]
+    n_chunks: int
+    chunks_run: int
+    chunks_already_done: int
+    images_run: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def default_checkpoint(data: str, model: str) -> Path:
+    """The checkpoint ``advpipe train --data DATA --model MODEL`` writes: ``runs/<data>/<model>/none/best.pt``."""
+    from advpipe.train.config import default_run_dir
+
+    return default_run_dir(data, model, "none") / "best.pt"
+
+
+def _find_checkpoint(cfg: PrecomputeConfig) -> Path:
+    if cfg.checkpoint is not None:
+        return Path(cfg.checkpoint)
+    if cfg.model is None:
+        raise AdvpipeError("pass --model (to use the trained run's best.pt) or --checkpoint PATH")
+    path = default_checkpoint(cfg.data, cfg.model)
+    if not path.is_file():
+        raise AdvpipeError(
+            f"no trained {cfg.model} for {cfg.data}: {path} does not exist; train it first with "
+            f"`advpipe train --data {cfg.data} --model {cfg.model}` or pass --checkpoint PATH"
+        )
+    return path
+
+
+def attack_config(cfg: PrecomputeConfig) -> SparseAttackConfig:
+    """Build the sparse attack's config from the flags and ``attack_options`` (validated by the attack)."""
+    options = dict(cfg.attack_options)
+    known = {f.name for f in dataclasses.fields(SparseAttackConfig)}
+    for key in options:
+        if key in ATTACK_FLAGS:
+            raise AdvpipeError(f"--attack-opt {key}=...: use {ATTACK_FLAGS[key]} instead")
+        if key not in known:
+            choices = ", ".join(sorted(known - set(ATTACK_FLAGS)))
+            raise AdvpipeError(f"unknown --attack-opt {key!r}; choose from: {choices}")
+    for key in _FRACTION_FIELDS:
+        if isinstance(options.get(key), str):
+            from advpipe.utils import parse_fraction
+
+            options[key] = parse_fraction(options[key], name=f"--attack-opt {key}")
+    values: dict[str, Any] = {"eps": cfg.eps, **options}
+    if cfg.steps is not None:
+        values["steps"] = cfg.steps
+    if cfg.encoder is not None:
+        values["encoder"] = cfg.encoder
+    if cfg.targeted is not None:
+        if cfg.targeted not in TARGET_MODES:
+            raise AdvpipeError(f"--targeted must be one of {', '.join(TARGET_MODES)}, got {cfg.targeted!r}")
+        values.update(targeted=True, target=cfg.targeted)
+    return SparseAttackConfig(**values)
+
+
+def _check_config(cfg: PrecomputeConfig) -> None:
+    if not isinstance(cfg.eps, Fraction) or not 0 < cfg.eps <= 1:
+        raise AdvpipeError(f"--eps must be a fraction in (0, 1], got {cfg.eps!r}")
+    for name, value in (("--batch-size", cfg.batch_size), ("--chunk-size", cfg.chunk_size)):
+        if value < 1:
+            raise AdvpipeError(f"{name} must be at least 1, got {value}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise AdvpipeError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise AdvpipeError(f"--limit must be a positive number of samples, got {cfg.limit}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise AdvpipeError(f"--workers must be 0 (in this process) or more, got {cfg.workers}")
+    if cfg.scheduler is not None and cfg.workers is not None:
+        raise AdvpipeError("--workers and --scheduler exclude each other (the scheduler's cluster has its own workers)")
+    if cfg.seed < 0:
+        raise AdvpipeError(f"--seed must be >= 0, got {cfg.seed}")
+
+
+def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackConfig) -> Path:
+    """A descriptive store path under ``masks/``, e.g. ``masks/cifar10-train-vgg19-eps8_255.zarr``."""
+    eps = Fraction(cfg.eps)
+    parts = [cfg.data, cfg.split, arch, f"eps{eps.numerator}_{eps.denominator}"]
+    if cfg.limit is not None:
+        parts.append(f"n{cfg.limit}")
+    if cfg.targeted is not None:
+        parts.append(f"targeted-{cfg.targeted}")
+    if cfg.steps is not None and cfg.steps != SparseAttackConfig().steps:
+        parts.append(f"steps{cfg.steps}")
+    if cfg.encoder is not None:
+        parts.append(cfg.encoder)
+    if cfg.seed:
+        parts.append(f"seed{cfg.seed}")
+    if cfg.attack_options:
+        # Any other hyperparameter gets a short stable tag so variants do not collide.
+        import hashlib
+        import json
+
+        tag = hashlib.sha256(json.dumps(attack.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        parts.append(f"opts{tag}")
+    return Path("masks") / ("-".join(p.replace("/", "_") for p in parts) + ".zarr")
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of chunk ``index``: a hash of (seed, index), so it never depends on the worker."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- worker side
+
+# One model and one dataset per worker process, reused by every task the worker runs.
+_MODEL_CACHE: dict[tuple[str, str], nn.Module] = {}
+_DATA_CACHE: dict[tuple[Any, ...], DatasetSplit] = {}
+
+
+def _data_key(job: ChunkJob) -> tuple[Any, ...]:
+    return (job.data, job.split, job.data_dir, job.limit, job.image_size, job.fingerprint)
+
+
+def _dataset(job: ChunkJob) -> DatasetSplit:
+    key = _data_key(job)
+    ds = _DATA_CACHE.get(key)
+    if ds is None:
+        ds = load_dataset(job.data, job.split, data_dir=job.data_dir, limit=job.limit, image_size=job.image_size)
+        # A worker on another machine may see other files under the same path.
+        if ds.fingerprint != job.fingerprint:
+            raise AdvpipeError(
+                f"this worker's {job.data}/{job.split} data (fingerprint {ds.fingerprint}) differs from the "
+                f"run's ({job.fingerprint}); every worker must see the same data"
+            )
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = ds
+    return ds
+
+
+def _model(job: ChunkJob, device: torch.device) -> nn.Module:
+    from advpipe.models.build import model_from_checkpoint
+
+    key = (job.checkpoint_sha256, str(device))
+    model = _MODEL_CACHE.get(key)
+    if model is None:
+        if sha256_file(job.checkpoint) != job.checkpoint_sha256:
+            raise AdvpipeError(f"checkpoint {job.checkpoint} changed since the run started (sha256 differs)")
+        model = model_from_checkpoint(load_checkpoint(job.checkpoint), source=job.checkpoint)
+        model = model.to(device).eval().requires_grad_(False)
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = model
+    return model
+
+
+def run_chunk(job: ChunkJob, writer: MaskStoreWriter, index: int) -> ChunkOutcome:
+    """Attack the samples of chunk ``index`` and write them into the store (one call per chunk, any process).
+
+    Loads the model and dataset once per process (cached by checkpoint sha256 and device, and by
+    the data's identity), seeds the attack's generator from (seed, index) and walks the chunk in
+    batches of ``job.batch_size``. Stored labels are the labels the attack used: the true label,
+    or the target of a targeted attack. The store refuses a chunk that is already done.
+    """
+    started = time.perf_counter()
+    device = resolve_device(job.device)
+    ds = _dataset(job)
+    model = _model(job, device)
+    start, stop = writer.chunk_bounds(index)
+    images = ds.load_images(range(start, stop))
+    true_labels = ds.labels[start:stop]
+    generator = torch.Generator(device=device).manual_seed(chunk_seed(job.seed, index))
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", "success", "l0", "l0_pixels",
+                                                             "l2", "linf", "loss")}
+    for b in range(0, stop - start, job.batch_size):
+        x = images[b : b + job.batch_size].to(device).float().div_(255)
+        y = true_labels[b : b + job.batch_size].to(device)
+        res = sparse_attack(model, x, y, job.attack, generator=generator)
+        used = res.targets if job.attack.targeted and res.targets is not None else y
+        for name, value in (("masks", res.mask), ("labels", used), ("success", res.success), ("l0", res.l0_elements),
+                            ("l0_pixels", res.l0_pixels), ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
+            parts[name].append(value.detach().cpu())
+    out = {name: torch.cat(values) for name, values in parts.items()}
+    hashes = sample_hash(images.numpy(), layout="NCHW")
+    metrics = {name: out[name] for name in ("success", "l0", "l0_pixels", "l2", "linf", "loss")}
+    writer.write_chunk(index, out["masks"], out["labels"], hashes, metrics)
+    return ChunkOutcome(index, stop - start, int(out["success"].sum()), time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+_WORKER_START_TIMEOUT = 180
+
+
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_local_workers(device: str, workers: int | None) -> tuple[int, list[str] | None, str]:
+    """Return (worker processes, GPU id per worker or None, device string the workers use) for a local cluster.
+
+    CPU: ``workers`` processes (default 1). ``auto``/``cuda`` with GPUs: one worker per visible GPU
+    by default, worker i sees only GPU i (mod the count) through CUDA_VISIBLE_DEVICES and uses
+    ``cuda``. ``cuda:N``: every worker sees only GPU N.
+    """
+    resolved = resolve_device(device)
+    if resolved.type != "cuda":
+        return (workers or 1), None, "cpu"
+    gpus = _visible_gpus()
+    if not gpus:
+        raise AdvpipeError("CUDA is available but CUDA_VISIBLE_DEVICES lists no GPU")
+    if resolved.index is not None:
+        if resolved.index >= len(gpus):
+            raise AdvpipeError(f"--device {device}: only {len(gpus)} GPU(s) are visible")
+        gpus = [gpus[resolved.index]]
+        return (workers or 1), gpus, "cuda"
+    n = workers or len(gpus)
+    return n, [gpus[i % len(gpus)] for i in range(n)], "cuda"
+
+
+def _worker_threads(n_workers: int) -> str:
+    # dask's nanny sets OMP_NUM_THREADS=1 in every worker; a lone CPU worker would then use one core.
+    # An explicit OMP_NUM_THREADS in our environment wins (tests pin it for bit-identical results).
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, _cpu_count() // n_workers))
+
+
+def _start_local_cluster(n_workers: int, gpus: list[str] | None) -> Any:
+    """Start a LocalCluster of ``n_workers`` single-threaded worker processes (spawned), GPU-pinned if asked."""
+    from distributed import LocalCluster
+
+    threads = _worker_threads(n_workers)
+    # memory_limit <= 1 is a fraction of the machine's memory: an equal share per worker, as LocalCluster gives.
+    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                           memory_limit=1 / n_workers)
+    template = cluster.new_spec
+    for i in range(n_workers):
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if gpus is not None:
+            # Each worker process sees one GPU as cuda:0, so no process ever opens a context on another GPU.
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+        cluster.worker_spec[i] = {"cls": template["cls"], "options": {**template["options"], "env": env}}
+    cluster.scale(n_workers)
+    return cluster
+
+
+def _connect(cfg: PrecomputeConfig) -> tuple[Any, Any, str]:
+    """Return (client, cluster or None, device string for the workers)."""
+    from distributed import Client
+
+    if cfg.scheduler is not None:
+        try:
+            client = Client(cfg.scheduler, timeout="30s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise AdvpipeError(f"cannot reach the dask scheduler at {cfg.scheduler}: {exc}") from None
+        try:
+            client.wait_for_workers(1, timeout=120)
+        except TimeoutError:
+            client.close()
+            raise AdvpipeError(f"no dask worker joined the scheduler at {cfg.scheduler} within 120 s") from None
+        return client, None, cfg.device
+    n_workers, gpus, worker_device = plan_local_workers(cfg.device, cfg.workers)
+    cluster = _start_local_cluster(n_workers, gpus)
+    client = Client(cluster)
+    try:
+        client.wait_for_workers(n_workers, timeout=_WORKER_START_TIMEOUT)
+    except (TimeoutError, OSError):  # distributed's WorkerStartTimeoutError is a TimeoutError
+        client.close()
+        cluster.close()
+        raise AdvpipeError(f"the local dask workers did not start within {_WORKER_START_TIMEOUT} s; run with "
+                           "--workers 0 to see the error in this process") from None
+    log.info("started a local dask cluster with %d worker(s) at %s", n_workers, cluster.scheduler_address)
+    return client, cluster, worker_device
+
+
+@contextlib.contextmanager
+def _dask_log_level(level: int) -> Iterator[None]:
+    """Raise the ``distributed`` loggers to ``level`` for a while (their INFO chatter would bury the progress bar)."""
+    logger = logging.getLogger("distributed")
+    old = logger.level
+    logger.setLevel(max(level, old))
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def _dask_session() -> Iterator[None]:
+    """Quiet dask's logs and start worker processes with spawn while a run's cluster lives."""
+    import dask
+
+    # spawn is dask's default, but a user config could say fork: a forked worker would inherit
+    # zarr's event-loop thread and torch's thread pools in a broken state and can deadlock.
+    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}), _dask_log_level(logging.WARNING):
+        yield
+
+
+@contextlib.contextmanager
+def _cluster(cfg: PrecomputeConfig) -> Iterator[tuple[Any, str]]:
+    """Yield (client, device string for the workers) of the run's dask cluster, and close it afterwards."""
+    with _dask_session():
+        client, cluster, worker_device = _connect(cfg)
+        try:
+            yield client, worker_device
+        finally:
+            # Closing kills workers that are slow to exit (torch unloads slowly); every result is in
+            # by then, so those warnings are noise.
+            with _dask_log_level(logging.ERROR):
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+
+
+def _run_dask(client: Any, job: ChunkJob, writer: MaskStoreWriter, pending: list[int],
+              on_done: Callable[[ChunkOutcome], None]) -> None:
+    from distributed import as_completed
+
+    run = uuid.uuid4().hex[:8]
+    # One task per chunk index, each submitted once: no two tasks ever write the same chunk.
+    futures = [client.submit(run_chunk, job, writer, i, key=f"advpipe-chunk-{i}-{run}", pure=False) for i in pending]
+    try:
+        for future in as_completed(futures):
+            on_done(future.result())
+    finally:
+        unfinished = [f for f in futures if not f.done()]
+        if unfinished:
+            client.cancel(unfinished)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _clean_accuracy(ckpt: Checkpoint, cfg: PrecomputeConfig, path: Path) -> float:
+    """The checkpoint's recorded test accuracy, or (if missing) its accuracy measured on the test split."""
+    acc = ckpt.metrics.get("test_acc")
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool) and 0.0 <= acc <= 1.0:
+        return float(acc)
+    from advpipe.data.loader import DeviceLoader
+    from advpipe.eval.accuracy import evaluate_accuracy
+    from advpipe.models.build import model_from_checkpoint
+
+    log.info("%s records no test accuracy; measuring it on %s/test", path, cfg.data)
+    device = resolve_device(cfg.device)
+    test = load_dataset(cfg.data, "test", data_dir=cfg.data_dir, image_size=ckpt.image_size)
+    model = model_from_checkpoint(ckpt, source=str(path)).to(device).eval()
+    # workers=0: no DataLoader processes are forked once zarr's event-loop thread may be running.
+    loader = DeviceLoader(test, batch_size=max(cfg.batch_size, 256), device=device, train=False, workers=0)
+    return float(evaluate_accuracy(model, loader, test.num_classes, description="clean accuracy", total=len(loader))["top1"])
+
+
+def _check_fits(ckpt: Checkpoint, ds: DatasetSplit, path: Path, cfg: PrecomputeConfig, warnings: list[str]) -> None:
+    if cfg.model is not None and ckpt.arch != cfg.model:
+        raise AdvpipeError(f"{path} holds a {ckpt.arch} model, but --model is {cfg.model}")
+    if ckpt.dataset != cfg.data:
+        raise AdvpipeError(f"{path} was trained on {ckpt.dataset}, not on {cfg.data}; pass --data {ckpt.dataset} "
+                           "or a checkpoint trained on this dataset")
+    if ds.num_classes != ckpt.num_classes:
+        raise AdvpipeError(f"{path} predicts {ckpt.num_classes} classes but {cfg.data} has {ds.num_classes}")
+    if ds.image_shape[-1] != ckpt.image_size:
+        raise AdvpipeError(f"{path} expects {ckpt.image_size}px images but {cfg.data} has {ds.image_shape[-1]}px")
+    if cfg.split == "train" and cfg.limit is None and ckpt.fingerprint != ds.fingerprint:
+        # Legitimate when the model was trained with --limit (a prefix of the data); the store
+        # records both fingerprints, so the difference stays visible.
+        warnings.append(f"the checkpoint was trained on {ckpt.dataset} data with fingerprint {ckpt.fingerprint}, "
+                        f"not on this train split ({ds.fingerprint}); was it trained with --limit?")
+
+
+def _provenance(cfg: PrecomputeConfig, ckpt: Checkpoint, sha: str, accuracy: float, ds: DatasetSplit,
+                attack: SparseAttackConfig) -> dict[str, Any]:
+    return {
+        "dataset": {"name": cfg.data, "split": cfg.split, "fingerprint": ds.fingerprint},
+        "model": {"arch": ckpt.arch, "checkpoint_sha256": sha, "clean_accuracy": accuracy},
+        "attack": {
+            "name": "advmask",
+            **attack.to_dict(),
+            "batch_size": cfg.batch_size,
+            # The store's model section has no slot for it; the victim's own training data is pinned
+            # by the checkpoint sha256 anyway, so recording it here never blocks a resume.
+            "victim_train_data": {"name": ckpt.dataset, "fingerprint": ckpt.fingerprint},
+        },
+        "seed": cfg.seed,
+    }
+
+
+def _complete_with_same_config(path: Path, provenance: dict[str, Any], ds: DatasetSplit, chunk_size: int) -> Any:
+    """Return the store at ``path`` if it is complete and was made with exactly this configuration."""
+    from advpipe.pipeline.provenance import config_diff, config_of, new_attrs
+
+    if not (path / "zarr.json").is_file():
+        return None
+    try:
+        store = open_store(path)
+    except AdvpipeError:
+        return None  # create_store reports what is wrong with it
+    if not store.complete:
+        return None
+    wanted = new_attrs(provenance, n=len(ds), image_shape=tuple(ds.image_shape), chunk_size=chunk_size)
+    return None if config_diff(config_of(store.provenance), config_of(wanted)) else store
+
+
+def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
+    """Attack every pending chunk of the store ``cfg`` describes, then finalize it and return its summary.
+
+    Refuses (AdvpipeError) bad settings, a missing or unfitting checkpoint, a store made for another
+    configuration (unless ``overwrite``) and a store another process is writing. Re-running after
+    an interruption resumes; re-running on a complete store with the same configuration just
+    returns its summary.
+    """
+    _check_config(cfg)
+    attack = attack_config(cfg)
+    if cfg.scheduler is None:
+        resolve_device(cfg.device)  # fail early; with --scheduler the device is the workers' business
+    ckpt_path = _find_checkpoint(cfg).absolute()
+    ckpt = load_checkpoint(ckpt_path)
+    ds = load_dataset(cfg.data, cfg.split, data_dir=cfg.data_dir, limit=cfg.limit, image_size=ckpt.image_size)
+    warnings: list[str] = []
+    _check_fits(ckpt, ds, ckpt_path, cfg, warnings)
+    for message in warnings:
+        log.warning(message)
+    attack = attack.resolve(tuple(ds.image_shape))  # record concrete values, not "auto"
+    sha = sha256_file(ckpt_path)
+    provenance = _provenance(cfg, ckpt, sha, _clean_accuracy(ckpt, cfg, ckpt_path), ds, attack)
+    path = Path(cfg.out) if cfg.out else default_store_path(cfg, ckpt.arch, attack)
+    path = path.absolute()
+    started = time.perf_counter()
+
+    if not cfg.overwrite and (done := _complete_with_same_config(path, provenance, ds, cfg.chunk_size)) is not None:
+        log.info("%s is already complete for this configuration", path)
+        return PrecomputeResult(path, done.provenance["summary"], done.provenance, done.n_chunks, 0, done.n_chunks,
+                                0, 0.0, warnings)
+    with contextlib.ExitStack() as stack:
+        # An unreachable scheduler should fail before a store is created; a local cluster is only
+        # started once the store has accepted the configuration and there is work to do.
+        remote = stack.enter_context(_cluster(cfg)) if cfg.scheduler is not None else None
+        try:
+            writer = create_store(path, n=len(ds), image_shape=tuple(ds.image_shape), chunk_size=cfg.chunk_size,
+                                  provenance=provenance, overwrite=cfg.overwrite)
+        except AdvpipeError as exc:
+            raise AdvpipeError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from None
+        stack.enter_context(writer)  # releases the lock on any exit; chunks done so far stay done
+        pending = writer.pending_chunks()
+        job = ChunkJob(checkpoint=str(ckpt_path), checkpoint_sha256=sha, data=cfg.data, split=cfg.split,
+                       data_dir=str(Path(cfg.data_dir).absolute()) if cfg.data_dir else None, limit=cfg.limit,
+                       image_size=ckpt.image_size, fingerprint=ds.fingerprint, attack=attack,
+                       batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+        images_pending = sum(b - a for a, b in map(writer.chunk_bounds, pending))
+        counts = {"chunks": 0, "images": 0}
+        with task("precompute masks", total=images_pending, unit="img") as bar:
+            compute_started = time.perf_counter()
+
+            def on_done(outcome: ChunkOutcome) -> None:
+                counts["chunks"] += 1
+                counts["images"] += outcome.n_images
+                rate = counts["images"] / max(time.perf_counter() - compute_started, 1e-9)
+                bar.advance(outcome.n_images, chunks=f"{counts['chunks']}/{len(pending)}", **{"img/s": f"{rate:.2f}"})
+
+            if pending and cfg.workers == 0:
+                _DATA_CACHE.clear()
+                _DATA_CACHE[_data_key(job)] = ds  # reuse the split already in memory
+                for i in pending:
+                    on_done(run_chunk(job, writer, i))
+            elif pending:
+                client, worker_device = remote or stack.enter_context(_cluster(cfg))
+                _run_dask(client, dataclasses.replace(job, device=worker_device), writer, pending, on_done)
+        summary = writer.finalize()
+        provenance_out = open_store(path).provenance
+    return PrecomputeResult(path, summary, provenance_out, writer.n_chunks, len(pending),
+                            writer.n_chunks - len(pending), counts["images"], time.perf_counter() - started, warnings)
