@@ -127,6 +127,52 @@ def time_numpy(masks: torch.Tensor, seed: int) -> dict[str, float]:
             "mean_masked_fraction": float(np.mean([1 - k.mean() for k in keeps]))}
 
 
+def train_step_ratio(device: torch.device, steps: int, batch: int = 128) -> dict[str, float]:
+    """Time of a resnet18 training step with ``--aug advmask`` (prob 0.8) over the time with ``--aug none``."""
+    import torch.nn.functional as F
+
+    from advpipe.augment.base import AugmentContext, build_augment
+    from advpipe.data.batch import Batch
+    from advpipe.models.normalize import Normalized
+    from advpipe.models.registry import create_model
+
+    model = Normalized(create_model("resnet18", 10), (0.5,) * 3, (0.25,) * 3).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    aug = build_augment("advmask", AugmentContext("cifar10", (32, 32), 10, (0.49, 0.48, 0.45), epochs=1))
+    aug.set_epoch(0, 1)  # full strength: 0.8 of each batch occluded
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(batch, 3, 32, 32, generator=g, device=device)
+    labels = torch.randint(0, 10, (batch,), generator=g, device=device)
+    masks = attack_like_masks(batch, seed=3).to(device)
+    base = Batch(images, labels, torch.arange(batch, device=device), {"attack_mask": masks})
+
+    def step(augment: bool) -> None:
+        b = aug(base, g) if augment else base
+        loss = F.cross_entropy(model(b.images), b.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def timed(augment: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(augment)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    step(False), step(True)
+    # interleave the two so machine noise hits both alike
+    none_t, adv_t = [], []
+    for _ in range(steps):
+        none_t.append(timed(False))
+        adv_t.append(timed(True))
+    return {"steps": steps, "batch": batch, "none_step_s": statistics.median(none_t),
+            "advmask_step_s": statistics.median(adv_t),
+            "ratio": statistics.median(adv_t) / statistics.median(none_t)}
+
+
 def machine() -> dict[str, object]:
     """Where the numbers come from."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -145,6 +191,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--numpy-images", type=int, default=256)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--train-steps", type=int, default=5,
+                        help="interleaved resnet18 steps for the advmask/none step-time ratio (0 skips it)")
     args = parser.parse_args()
     default_threads = torch.get_num_threads()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, default_threads})
@@ -164,6 +212,10 @@ def main() -> None:
     report["numpy_per_image"] = reference
     report["speedup_vs_numpy"] = {n: {b: k["masks_per_s"] / reference["masks_per_s"] for b, k in run.items()}
                                   for n, run in runs.items()}
+    if args.train_steps:
+        report["resnet18_step_ratio"] = train_step_ratio(device, args.train_steps)
+        r = report["resnet18_step_ratio"]
+        print(f"resnet18 step with --aug advmask / --aug none: {r['ratio']:.3f} (goal < 1.05)")
     info["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
