@@ -40,7 +40,7 @@ from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import convert_dual_bn, main_bn_state, preserve_bn_stats, use_aux_bn
 from advpipe.models.normalize import unwrap
 from advpipe.train.methods import METHODS, Method, MethodContext
-from advpipe.train.soft_labels import flag_option, fraction_option, positive_int
+from advpipe.train.soft_labels import checked_options, flag_option, fraction_option, positive_int, without_ddp
 
 
 def paper_steps(eps: float) -> int:
@@ -68,7 +68,7 @@ class AdvProp(Method):
         x, y = batch.images, batch.labels
         with use_aux_bn(model):
             with preserve_bn_stats(model):
-                x_adv = pgd(model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
+                x_adv = pgd(without_ddp(model), x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
                             random_start=self.random_start, generator=generator)
             logits_adv = model(x_adv)
         logits = model(x)
@@ -87,6 +87,7 @@ class AdvProp(Method):
         return {"forward": self.steps + 2, "backward": 2, "input_backward": self.steps}
 
 
+@checked_options
 def _advprop(ctx: MethodContext, *, eps: Any = "4/255", steps: Any = None, step_size: Any = "1/255",
              random_start: Any = True) -> AdvProp:
     eps_f = fraction_option(eps, "eps")

@@ -59,7 +59,7 @@ from advpipe.models.dual_bn import preserve_bn_stats
 from advpipe.models.normalize import unwrap
 from advpipe.models.registry import feature_layer_name, list_models
 from advpipe.train.methods import METHODS, Method, MethodContext
-from advpipe.train.soft_labels import flag_option, fraction_option, positive_int
+from advpipe.train.soft_labels import checked_options, flag_option, fraction_option, positive_int
 
 BN_EPS = 1e-5
 
@@ -79,12 +79,33 @@ def inject_moments(f_clean: torch.Tensor, f_adv: torch.Tensor) -> torch.Tensor:
     return sd_a * (f_clean - mu_c) / sd_c + mu_a
 
 
-def interpolate_perturbations(delta: torch.Tensor, strengths: torch.Tensor) -> list[torch.Tensor]:
-    """``δ_i = (ε^(i) / ε^(1)) δ_1`` for sorted ``strengths`` (largest first); zeros if ε^(1) is 0."""
+def mixed_features(f_clean: torch.Tensor, delta: torch.Tensor, scales: torch.Tensor) -> list[torch.Tensor]:
+    """Eq. (5) for every ``f_adv^(i) = f_clean + scales[i] * delta`` without re-reducing the tensor.
+
+    The per-channel moments of ``f_clean + s δ`` follow from those of ``f_clean`` and ``δ`` and their
+    covariance: ``μ = μ_f + s μ_δ``, ``var = var_f + 2 s cov(f, δ) + s² var_δ``. One reduction pass
+    serves all k strengths; the result equals :func:`inject_moments` (tested).
+    """
+    dims = [0, *range(2, f_clean.dim())]
+    var_f, mu_f = torch.var_mean(f_clean, dim=dims, unbiased=False, keepdim=True)
+    centered = f_clean - mu_f
+    z = centered / (var_f + BN_EPS).sqrt()
+    mu_d = delta.mean(dim=dims, keepdim=True)
+    d_centered = delta - mu_d
+    var_d = d_centered.square().mean(dim=dims, keepdim=True)
+    cov = (centered * d_centered).mean(dim=dims, keepdim=True)
+    out = []
+    for s in scales:
+        var_a = (var_f + 2 * s * cov + s * s * var_d).clamp_min(0)
+        out.append(torch.addcmul(mu_f + s * mu_d, z, (var_a + BN_EPS).sqrt()))
+    return out
+
+
+def strength_scales(strengths: torch.Tensor) -> torch.Tensor:
+    """``ε^(i) / ε^(1)`` for strengths sorted largest first (all 0 if ε^(1) is 0): ``δ_i = scale_i δ_1``."""
     top = strengths[0]
-    scale = torch.where(top > 0, strengths / top.clamp_min(torch.finfo(strengths.dtype).tiny),
-                        torch.zeros_like(strengths))
-    return [delta * scale[i] for i in range(strengths.numel())]
+    return torch.where(top > 0, strengths / top.clamp_min(torch.finfo(strengths.dtype).tiny),
+                       torch.zeros_like(strengths))
 
 
 def feature_pgd(head: nn.Module, f: torch.Tensor, y: torch.Tensor, *, eps: float | torch.Tensor, steps: int,
@@ -175,10 +196,11 @@ class AFAN(Method):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Check now (not mid-epoch) that the model can be split at the chosen layer."""
-        self._head_for(unwrap(model))
+        self.split(unwrap(model))
         return model
 
-    def _head_for(self, net: nn.Module) -> tuple[str, fx.GraphModule]:
+    def split(self, net: nn.Module) -> tuple[str, fx.GraphModule]:
+        """The split layer's name and the head after it for ``net`` (built once per network)."""
         if self._split is None or self._owner() is not net:
             layer = self.layer or default_feature_layer(net)
             self._split = (layer, split_head(net, layer))
@@ -188,7 +210,7 @@ class AFAN(Method):
     def step(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Return ``L_clean + λ Σ_i L_adv^(i)`` (Eq. 6) and the clean logits."""
         x, y = batch.images, batch.labels
-        layer, head = self._head_for(unwrap(model))
+        layer, head = self.split(unwrap(model))
         captured: list[torch.Tensor] = []
         handle = unwrap(model).get_submodule(layer).register_forward_hook(lambda m, i, out: captured.append(out))
         try:
@@ -205,11 +227,12 @@ class AFAN(Method):
         with preserve_bn_stats(head):
             delta = feature_pgd(head, f_clean, y, eps=strengths[0], steps=self.steps, step_size=self.step_size,
                                 random_start=self.random_start, generator=generator)
-            loss_adv = logits.new_zeros((), dtype=torch.float32)
-            for d in interpolate_perturbations(delta, strengths):
-                f_adv = f_clean + d
-                feats = inject_moments(f_clean, f_adv) if self.normalize else f_adv
-                loss_adv = loss_adv + F.cross_entropy(head(feats).float(), y)
+            scales = strength_scales(strengths)
+            if self.normalize:
+                feats = mixed_features(f_clean, delta, scales)
+            else:
+                feats = [f_clean + delta * s for s in scales]
+            loss_adv = sum(F.cross_entropy(head(f).float(), y) for f in feats)
         return {"loss": loss_clean + self.adv_weight * loss_adv, "loss_clean": loss_clean.detach(),
                 "loss_adv": loss_adv.detach(), "strength_max": strengths[0].detach(), "logits": logits}
 
@@ -219,6 +242,7 @@ class AFAN(Method):
                 "head_input_backward": self.steps, "head_backward": self.num_strengths}
 
 
+@checked_options
 def _afan(ctx: MethodContext, *, layer: Any = None, steps: Any = 5, eps_max: Any = "0.5/255", step_size: Any = None,
           num_strengths: Any = 3, adv_weight: Any = 1.0, normalize: Any = True, random_start: Any = False) -> AFAN:
     if layer is not None and (not isinstance(layer, str) or not layer):

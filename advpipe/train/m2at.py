@@ -46,12 +46,14 @@ from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import preserve_bn_stats
 from advpipe.train.methods import METHODS, Method, MethodContext
 from advpipe.train.soft_labels import (
+    checked_options,
     flag_option,
     fraction_option,
     one_hot,
     positive_int,
     sample_beta,
     soft_cross_entropy,
+    without_ddp,
 )
 
 
@@ -112,7 +114,7 @@ class M2AT(Method):
         """Return the soft-label CE of the model on the masked-and-mixed adversarial batch."""
         x, y = batch.images, batch.labels
         with preserve_bn_stats(model):
-            x_adv = pgd(model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
+            x_adv = pgd(without_ddp(model), x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
                         random_start=self.random_start, generator=generator)
         n, _, h, w = x.shape
         boxes = sample_boxes(n, h, w, generator=generator, device=x.device)
@@ -129,6 +131,7 @@ class M2AT(Method):
         return {"forward": self.steps + 1, "backward": 1, "input_backward": self.steps}
 
 
+@checked_options
 def _m2at(ctx: MethodContext, *, eps: Any = "8/255", steps: Any = 10, step_size: Any = "2/255", alpha: Any = 1.0,
           random_start: Any = True) -> M2AT:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:

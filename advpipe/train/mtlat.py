@@ -43,7 +43,15 @@ from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import preserve_bn_stats
 from advpipe.train.methods import METHODS, Method, MethodContext
-from advpipe.train.soft_labels import fraction_option, mix, one_hot, sample_beta, soft_cross_entropy
+from advpipe.train.soft_labels import (
+    checked_options,
+    fraction_option,
+    mix,
+    one_hot,
+    sample_beta,
+    soft_cross_entropy,
+    without_ddp,
+)
 
 
 def targeted_fgsm_per_sample(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -98,7 +106,7 @@ class MixTLAT(Method):
             else:
                 target = random_targets(y[n_clean:], self.num_classes, generator=generator)
             with preserve_bn_stats(model):
-                x2 = targeted_fgsm_per_sample(model, x2, target, eps)
+                x2 = targeted_fgsm_per_sample(without_ddp(model), x2, target, eps)
             t2 = tlat_labels(t2, target, eps)
             x1, t1 = torch.cat([x1, x2]), torch.cat([t1, t2])
             out["eps_mean"] = eps.mean()
@@ -129,15 +137,18 @@ def _targets(value: Any) -> str:
     return value
 
 
+@checked_options
 def _mtlat(ctx: MethodContext, *, alpha: Any = 0.4, eps_max: Any = 0.025, targets: Any = "any") -> MixTLAT:
     return MixTLAT(num_classes=ctx.num_classes, mixup=True, adversarial=True, alpha=_alpha(alpha),
                    eps_max=fraction_option(eps_max, "eps_max"), targets=_targets(targets))
 
 
+@checked_options
 def _mixup(ctx: MethodContext, *, alpha: Any = 0.4) -> MixTLAT:
     return MixTLAT(num_classes=ctx.num_classes, mixup=True, adversarial=False, alpha=_alpha(alpha))
 
 
+@checked_options
 def _tlat(ctx: MethodContext, *, eps_max: Any = 0.025, targets: Any = "any") -> MixTLAT:
     return MixTLAT(num_classes=ctx.num_classes, mixup=False, adversarial=True,
                    eps_max=fraction_option(eps_max, "eps_max"), targets=_targets(targets))

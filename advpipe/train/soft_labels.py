@@ -14,11 +14,14 @@ the log-Gamma difference), which stays finite even for Beta(0.4, 0.4) draws very
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from advpipe.errors import AdvpipeError
 from advpipe.utils import parse_fraction
@@ -108,3 +111,29 @@ def flag_option(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise AdvpipeError(f"method option {name} must be true or false, got {value!r}")
     return value
+
+
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+def checked_options(factory: F_) -> F_:
+    """Make a method factory's unknown option names raise a TypeError that lists the known ones."""
+    known = [name for name, p in inspect.signature(factory).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+    @functools.wraps(factory)
+    def wrapper(ctx: Any, **options: Any) -> Any:
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; known: {', '.join(known)}")
+        return factory(ctx, **options)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def without_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (``model`` itself otherwise).
+
+    Attack passes go through it: they need no gradient synchronization, and skipping DDP's forward
+    saves a buffer broadcast per attack step.
+    """
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
