@@ -1,6 +1,6 @@
 """Tests of the online training methods: dual BN, A-FAN, M2AT, M-TLAT/Mixup/TLAT, AdvProp.
 
-A tiny BN CNN (registered here as ``tiny-bn-test``) keeps everything fast: the machine is shared.
+A tiny BN CNN (registered here as ``test-tiny-bn``) keeps everything fast: the machine is shared.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-if "tiny-bn-test" not in MODELS:
-    register_model("tiny-bn-test", feature_layer="features")(lambda num_classes, image_size: TinyNet(num_classes))
+if "test-tiny-bn" not in MODELS:
+    register_model("test-tiny-bn", feature_layer="features")(lambda num_classes, image_size: TinyNet(num_classes))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -343,7 +343,7 @@ def test_feature_pgd_stays_in_the_ball_and_raises_the_loss() -> None:
         assert F.cross_entropy(head(f + delta), y) > F.cross_entropy(head(f), y)
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "tiny-bn-test"])
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "test-tiny-bn"])
 def test_split_head_reproduces_the_network_after_the_feature_layer(arch: str) -> None:
     net = create_model(arch, K).eval()
     layer = default_feature_layer(net)
@@ -496,7 +496,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimpleNamespace]
     out = {}
     for name in ["none", *ONLINE]:
         run_dir = tmp_path_factory.mktemp(name)
-        cfg = TrainConfig(data="synthetic", image_size=S, limit=256, model="tiny-bn-test", aug=name, epochs=2,
+        cfg = TrainConfig(data="synthetic", image_size=S, limit=256, model="test-tiny-bn", aug=name, epochs=2,
                           batch_size=32, lr=0.05, schedule="constant", seed=0, device="cpu", out=str(run_dir),
                           workers=0)
         train(cfg)
@@ -523,7 +523,7 @@ def test_advprop_run_exports_main_bns_and_resumes_with_both(runs: dict) -> None:
     method = build_method("advprop", CTX)
     from advpipe.data.datasets import load_dataset
 
-    dual = method.prepare(build_model("tiny-bn-test", load_dataset("synthetic", "train", image_size=S, limit=256)))
+    dual = method.prepare(build_model("test-tiny-bn", load_dataset("synthetic", "train", image_size=S, limit=256)))
     unwrap(dual).load_state_dict(ckpt.state["model"], strict=True)
     assert any(".aux." in k for k in ckpt.state["model"]) and not any(".aux." in k for k in ckpt.model_state)
     x = _batch(seed=3).images

@@ -174,7 +174,12 @@ def split_head(net: nn.Module, layer: str) -> fx.GraphModule:
 
 def default_feature_layer(net: nn.Module) -> str:
     """The last top-level child of ``net`` named like a registered model's feature layer."""
-    known = {feature_layer_name(name) for name in list_models()} | {"layer4"}
+    known = {"layer4"}
+    for name in list_models():
+        try:
+            known.add(feature_layer_name(name))
+        except AdvpipeError:  # models without a known feature layer (e.g. plain CNNs) add nothing
+            pass
     names = [name for name, _ in net.named_children() if name in known]
     if not names:
         raise AdvpipeError(f"A-FAN does not know where to split {type(net).__name__}; "
