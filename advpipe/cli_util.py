@@ -82,6 +82,9 @@ def setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
+    # zarr's sibling reads can leave asyncio tasks behind after a damaged-chunk error; their
+    # shutdown noise would bury the one-line error
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def echo(message: str = "") -> None:

@@ -103,7 +103,8 @@ class DeviceLoader:
         order = self._order()
         if self.drop_last:
             order = order[: len(order) // self.batch_size * self.batch_size]
-        gen = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream=1))
+        # crops and flips differ per rank; rank 0 keeps the single-process stream
+        gen = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream=1 + 10 * self.rank))
         for index, images in self._raw_batches(order):
             yield self._finish(index, images, gen)
 

@@ -113,5 +113,8 @@ class StoreLock:
 
     def release(self) -> None:
         """Remove the lock file if it is still ours (never someone else's)."""
-        if self.held():
-            self.path.unlink(missing_ok=True)
+        try:
+            if self.held():
+                self.path.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. the filesystem went read-only: the lock goes stale and is taken over later
+            log.warning("could not remove lock %s: %s", self.path, exc.strerror or exc)

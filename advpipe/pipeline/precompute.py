@@ -300,6 +300,12 @@ def run_chunk(job: ChunkJob, writer: MaskStoreWriter, index: int) -> ChunkOutcom
     or the target of a targeted attack. The store refuses a chunk that is already done.
     """
     started = time.perf_counter()
+    if index not in writer.pending_chunks():
+        # A worker that died after its chunk was marked done gets rescheduled by dask; the store
+        # keeps the first result, so report it instead of attacking again.
+        start, stop = writer.chunk_bounds(index)
+        done = open_store(writer.path).metrics()["success"][start:stop]
+        return ChunkOutcome(index, stop - start, int(done.sum()), time.perf_counter() - started)
     device = resolve_device(job.device)
     ds = _dataset(job)
     model = _model(job, device)

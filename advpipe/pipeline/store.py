@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.codecs import (
@@ -185,8 +185,11 @@ def create_store(
     attrs = new_attrs(provenance, n=n, image_shape=image_shape, chunk_size=chunk_size)
     if path.is_file():
         raise AdvpipeError(f"{path} is a file, not a mask store")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = StoreLock.acquire(_lock_path(path), what=f"mask store {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = StoreLock.acquire(_lock_path(path), what=f"mask store {path}")
+    except OSError as exc:
+        raise AdvpipeError(f"cannot create mask store {path}: {exc.strerror or exc}") from None
     try:
         exists = path.is_dir() and any(path.iterdir())
         raw = _read_local_attrs(path) if exists else None
@@ -208,6 +211,9 @@ def create_store(
             path.rmdir()
         _build(path, attrs)
         return MaskStoreWriter(path, lock.token, owns_lock=True)
+    except OSError as exc:
+        lock.release()
+        raise AdvpipeError(f"cannot create mask store {path}: {exc.strerror or exc}") from None
     except BaseException:
         lock.release()
         raise
@@ -314,9 +320,13 @@ class MaskStoreWriter(_Chunked):
         done = self._arrays[DONE_ARRAY]
         if done[int(i)]:
             raise AdvpipeError(f"chunk {i} of {self.path} is already done; a store keeps the first result")
-        for name, arr in data.items():
-            self._arrays[name][start:stop] = arr
-        done[int(i)] = True
+        try:
+            for name, arr in data.items():
+                self._arrays[name][start:stop] = arr
+            done[int(i)] = True
+        except OSError as exc:
+            raise AdvpipeError(f"cannot write chunk {i} of mask store {self.path}: {exc.strerror or exc}; the chunks "
+                               f"already done stay valid and rerunning the same command resumes") from None
 
     @staticmethod
     def _out_of_range(data: dict[str, np.ndarray], elements: int, pixels: int) -> str | None:
@@ -347,6 +357,30 @@ class MaskStoreWriter(_Chunked):
             self._lock.release()
 
 
+class _NoMissingChunks(WrapperStore):
+    """Reads that refuse a missing chunk object instead of returning the fill value.
+
+    Every chunk of a finished store is written (even all-false ones), so a missing object means a
+    damaged or partial copy; plain zarr would silently read it as empty masks. Only a complete
+    store is strict: an in-progress one legitimately lacks the chunks not yet written.
+    """
+
+    strict = False
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        value = await super().get(key, prototype, byte_range)
+        if value is None and self.strict and "/c/" in key and not key.startswith(DONE_ARRAY + "/"):
+            raise FileNotFoundError(f"chunk object {key} is missing")
+        return value
+
+
+def http_storage_options() -> dict[str, Any]:
+    """fsspec options for http(s) stores: bounded timeouts, so a vanished server fails in seconds, not minutes."""
+    import aiohttp
+
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=120, sock_connect=10, sock_read=60)}}
+
+
 class _Location:
     """Where a store lives: a local directory or an fsspec URL; names chunk files and tests their existence."""
 
@@ -375,11 +409,17 @@ class _Location:
     def open_group(self) -> zarr.Group:
         if self.storage_options and not self.is_url:
             raise AdvpipeError("storage_options only apply to URLs")
-        store: Any = self.root if self.is_url else LocalStore(self.root, read_only=True)
-        options = self.storage_options if self.is_url else None
         with quiet_zarr():
             try:
-                return zarr.open_group(store, mode="r", zarr_format=3, storage_options=options)
+                if self.is_url:
+                    options = self.storage_options
+                    if self.root.startswith(("http://", "https://")) and not options:
+                        options = http_storage_options()
+                    base: Any = FsspecStore.from_url(self.root, storage_options=options, read_only=True)
+                else:
+                    base = LocalStore(self.root, read_only=True)
+                self.wrapper = _NoMissingChunks(base)
+                return zarr.open_group(self.wrapper, mode="r", zarr_format=3)
             except Exception as exc:  # zarr, fsspec and aiohttp each raise their own types here
                 raise AdvpipeError(f"cannot open mask store {self.root}: {type(exc).__name__}: {exc}") from None
 
@@ -393,6 +433,7 @@ class MaskStore(_Chunked):
         self.location = _Location(path_or_url, storage_options)
         group = self.location.open_group()
         self.provenance: dict[str, Any] = parse_attrs(group.attrs.get(ATTRS_KEY))
+        self.location.wrapper.strict = self.provenance["status"] == "complete"
         self._arrays = _open_arrays(group, self.provenance, self.location.root)
         self._init_layout(self.provenance)
 
@@ -416,7 +457,7 @@ class MaskStore(_Chunked):
         except Exception as exc:  # crc32c, zstd and packbits each fail differently on damaged bytes
             raise AdvpipeError(
                 f"mask store {self.location.root}: array {name!r} rows [{start or 0}, {stop or self.n}) are unreadable "
-                f"({type(exc).__name__}: {exc}); run verify_store to find the damaged chunk files"
+                f"({type(exc).__name__}: {exc}); run `advpipe masks verify` on it to find the damaged chunk files"
             ) from None
 
     def chunk_done(self) -> np.ndarray:

@@ -113,7 +113,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
         loader.set_epoch(epoch)
         augment.set_epoch(epoch, cfg.epochs)
         method.set_epoch(epoch, cfg.epochs)
-        gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, stream=2))
+        # augmentation and method draws differ per rank; rank 0 keeps the single-process stream
+        gen = torch.Generator(device=device).manual_seed(epoch_seed(cfg.seed, epoch, stream=2 + 10 * info.rank))
         model.train()
         started = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from advpipe.data.datasets import load_dataset
-from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import load_checkpoint
 from advpipe.pipeline.precompute import ChunkJob, PrecomputeConfig, attack_config, run_chunk
 from advpipe.pipeline.store import create_store, open_store
@@ -131,9 +130,6 @@ def test_two_worker_cluster_equals_in_process_run(faults_env, tmp_path: Path) ->
     assert_same_store(out, ref)
 
 
-@pytest.mark.xfail(strict=True, raises=AdvpipeError,
-                   reason="run_chunk re-attacks a chunk that is already done and write_chunk refuses it; dask reruns "
-                          "the task of a worker killed between writing its chunk and reporting it (see report)")
 def test_rerun_of_a_chunk_already_done_is_harmless(faults_env, tmp_path: Path) -> None:
     """dask runs a task again when its worker dies before reporting it: the chunk may already be written."""
     ref, ckpt = faults_env["ref"], faults_env["ckpt"]
@@ -228,17 +224,10 @@ def test_write_failure_keeps_done_chunks_and_resumes(scenario: str, faults_env, 
     assert not _lock(run.store).exists()
 
 
-_ONE_LINE_BUG = ("OSError from the store (ENOSPC/EROFS in write_chunk, or mkdir in create_store) is not turned "
-                 "into AdvpipeError: traceback and exit 1 (see report)")
-
-
-_KNOWN_BUG = pytest.mark.xfail(strict=True, reason=_ONE_LINE_BUG)
-
-
 @pytest.mark.parametrize("scenario, reason", [
-    pytest.param("disk_full_run", "No space left on device", marks=_KNOWN_BUG),
-    pytest.param("read_only_run", "Read-only file system", marks=_KNOWN_BUG),
-    pytest.param("parent_is_file_run", "", marks=_KNOWN_BUG),
+    pytest.param("disk_full_run", "No space left on device"),
+    pytest.param("read_only_run", "Read-only file system"),
+    pytest.param("parent_is_file_run", ""),
 ])
 def test_write_failure_is_one_line_error(scenario: str, reason: str, request) -> None:
     run = request.getfixturevalue(scenario)

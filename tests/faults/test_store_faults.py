@@ -87,8 +87,6 @@ def test_missing_chunk_file_named_by_verify(faults_env, tmp_path: Path) -> None:
     assert verified.exit_code == 1 and f"array 'masks' chunk 2: file {target} is missing" in verified.output
 
 
-@pytest.mark.xfail(strict=True, reason="a missing masks chunk object reads as zarr's fill value (all-False masks); "
-                                       "open_for_training checks the done flags, not that the chunk files exist")
 def test_training_refuses_store_with_missing_chunk_file(faults_env, tmp_path: Path) -> None:
     store = tmp_path / "missing.zarr"
     shutil.copytree(faults_env["ref"], store)
@@ -205,8 +203,6 @@ def test_remote_store_stopped_mid_training_is_a_clear_error(chunked_streaming, t
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="chunk reads that get HTTP 404 are taken as never-written chunks and return "
-                                       "zarr's fill value, so training goes on with empty masks")
 def test_remote_store_deleted_mid_training_is_a_clear_error(chunked_streaming, tmp_path: Path) -> None:
     served = tmp_path / "served"
     _write_fake_store(served / "store.zarr", n=128, chunk_size=4)
