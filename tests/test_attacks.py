@@ -27,13 +27,8 @@ S = 12  # image side
 EPS = 8 / 255  # robust accuracy of the fixture model is roughly 25% here: a meaningful regime
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine is shared; one intra-op thread is several times faster under contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread: several times faster on a shared 2-core machine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(batchnorm: bool = False) -> nn.Sequential:

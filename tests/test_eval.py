@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from advpipe import progress
@@ -21,32 +20,16 @@ from advpipe.eval.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, corrupt, pars
 from advpipe.eval.robustness import perturbation_norms, robustness_score, summarize_norms
 from advpipe.eval.run import EVAL_FILENAME, EvalConfig, evaluate
 from advpipe.eval.specs import DEFAULT_SUITE, parse_attack_spec, parse_attack_specs
-from advpipe.models.registry import MODELS, register_model
 from advpipe.utils import sha256_file
 
 TINY = "test-tiny-cnn"
 LIMIT = 256
 
 
-def _tiny_cnn(num_classes: int, image_size: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
-    )  # fmt: skip
 
 
-if TINY not in MODELS:  # test_report.py registers the same model
-    register_model(TINY)(_tiny_cnn)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine is shared; one intra-op thread is several times faster under contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread: several times faster on a shared 2-core machine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Recorder:

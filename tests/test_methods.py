@@ -71,13 +71,8 @@ if "test-tiny-bn" not in MODELS:
     register_model("test-tiny-bn", feature_layer="features")(lambda num_classes, image_size: TinyNet(num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine is shared; one intra-op thread is several times faster under contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread: several times faster on a shared 2-core machine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(num_classes: int = K, seed: int = 0) -> Normalized:

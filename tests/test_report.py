@@ -9,8 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from advpipe.errors import AdvpipeError
@@ -25,31 +23,15 @@ from advpipe.eval.report import (
     unique_names,
 )
 from advpipe.eval.run import EVAL_FILENAME
-from advpipe.models.registry import MODELS, register_model
 
 TINY = "test-tiny-cnn"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _tiny_cnn(num_classes: int, image_size: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
-    )  # fmt: skip
 
 
-if TINY not in MODELS:  # test_eval.py registers the same model
-    register_model(TINY)(_tiny_cnn)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine is shared; one intra-op thread is several times faster under contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread: several times faster on a shared 2-core machine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(*args: str):
