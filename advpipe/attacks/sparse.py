@@ -111,7 +111,10 @@ class _PaperLambda:
 
 
 class _AdaptiveLambda:
-    """Eq. (5) times a per-image factor: x lambda_up after a successful step, x lambda_down after a failure."""
+    """Eq. (5) times a per-image factor: x lambda_up after a successful step, x lambda_down after a failure.
+
+    The factor starts at 1 and is kept in [1e-4, 1e4].
+    """
 
     def __init__(self, config: "SparseAttackConfig", batch: int, device: torch.device) -> None:
         self.multiplier = torch.ones(batch, device=device)
@@ -183,7 +186,7 @@ class SparseAttackConfig:
     beta: float | Fraction | None = None
     mu: float = 1.0
     eta: float = 0.1
-    C: float = 1.0
+    C: float = 0.01
     gamma: float = 10.0
     adam_lr: float = 1e-3
     alpha_min: float = 0.1
@@ -198,6 +201,7 @@ class SparseAttackConfig:
     lambda_up: float = 1.2
     lambda_down: float = 0.5
     keep_best: bool = True
+    straight_through: bool = False
     init_attack: str = "pgd"
     init_steps: int = 10
     init_step_size: float | Fraction | None = None
@@ -245,7 +249,7 @@ class SparseAttackConfig:
             raise AdvpipeError(f"unknown encoder_scope {self.encoder_scope!r}; choose one of: batch, image")
         if self.autocast_dtype is not None and self.autocast_dtype not in _AUTOCAST:
             raise AdvpipeError(f"unknown autocast_dtype {self.autocast_dtype!r}; choose one of: bf16, fp16 (or None)")
-        for name in ("targeted", "keep_best"):
+        for name in ("targeted", "keep_best", "straight_through"):
             if not isinstance(getattr(self, name), bool):
                 raise AdvpipeError(f"sparse attack {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -333,10 +337,16 @@ class SparseAttackResult:
 
 @dataclass
 class StepInfo:
-    """What ``on_step`` sees after optimisation step ``step``: the soft mask (B,H,W) it used, etc."""
+    """What ``on_step`` sees after optimisation step ``step``: the delta and soft mask (B,H,W) it used.
+
+    ``soft_success`` is the success of that step's forward (soft mask, or binary mask with
+    ``straight_through``), in the optimisation precision; ``lambda_multiplier`` is the adaptive
+    rule's factor after its update (None for the paper's rule).
+    """
 
     step: int
     alpha: float
+    delta: torch.Tensor
     soft_mask: torch.Tensor
     soft_success: torch.Tensor
     loss: torch.Tensor
@@ -492,8 +502,12 @@ class _SparseRun:
                 with torch.enable_grad():
                     leaf = delta.detach().requires_grad_(True)
                     m = torch.sigmoid(alpha * encoder(leaf))
+                    m_fwd = m
+                    if cfg.straight_through:
+                        # Forward with the binary mask, backward through the soft one (Bengio et al., 2013).
+                        m_fwd = m + ((m > 0.5).to(m.dtype) - m).detach()
                     with self._autocast():
-                        logits = self.model(x + leaf * m)
+                        logits = self.model(x + leaf * m_fwd)
                     ce = F.cross_entropy(logits.float(), label, reduction="none")
                     ratio = ce / l_init_div
                     l_cls = ratio - 1 if cfg.targeted else 1 - ratio
@@ -512,7 +526,7 @@ class _SparseRun:
                     consider(delta, (m.detach() > 0.5).squeeze(1), step, soft_success)
                 rule.update(soft_success)
                 if self.on_step is not None:
-                    self.on_step(StepInfo(step, alpha, m.detach().squeeze(1), soft_success, loss_i.detach(),
+                    self.on_step(StepInfo(step, alpha, delta, m.detach().squeeze(1), soft_success, loss_i.detach(),
                                           None if rule.multiplier is None else rule.multiplier.clone()))
 
                 for p, g in zip(params, grads[1:]):
