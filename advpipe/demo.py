@@ -28,10 +28,10 @@ class DemoConfig:
     data_dir: str | None = None
     limit: int | None = None
     model: str = "resnet20"
-    epochs: int = 15
+    epochs: int = 12
     batch_size: int = 128
     eps: Fraction = Fraction(8, 255)
-    attack_steps: int = 40
+    attack_steps: int = 25
     robust_attack: str = "fgsm:eps=2/255"
     precision: str = "auto"
     device: str = "auto"
