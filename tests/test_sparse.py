@@ -25,13 +25,8 @@ S = 16  # image side
 EPS = Fraction(32, 255)  # dense PGD succeeds on every fixture image; a few pixels suffice at this budget
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machine is shared; one intra-op thread is several times faster under contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread: several times faster on a shared 2-core machine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn() -> nn.Sequential:

@@ -147,7 +147,9 @@ def _build_unet(image_shape: tuple[int, int, int], batch_size: int, scope: str, 
         raise TypeError(f"unknown U-Net encoder options {sorted(options)}; known: backbone")
     if scope != "batch":
         # B copies of a 6.6M-parameter U-Net plus Adam state do not fit a useful batch; see docs/attack.md.
-        raise AdvpipeError("encoder_scope='image' is supported for the linear encoder only; use encoder_scope='batch' with unet")
+        raise AdvpipeError(
+            "encoder_scope='image' is supported for the linear encoder only; use encoder_scope='batch' with unet"
+        )
     return UNetEncoder(image_shape, backbone, generator, device)
 
 
