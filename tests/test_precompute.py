@@ -24,13 +24,12 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
+from helpers.checkpoints import fit_checkpoint
 from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
 from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
 from advpipe.models.build import model_from_checkpoint
-from advpipe.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from advpipe.models.normalize import Normalized
-from advpipe.models.registry import create_model
+from advpipe.models.checkpoint import load_checkpoint
 from advpipe.pipeline.lock import StoreLock
 from advpipe.pipeline.precompute import chunk_seed, plan_local_workers
 from advpipe.pipeline.store import open_store, sample_hash
@@ -52,37 +51,6 @@ def cli(*args: str):
     return runner.invoke(app, list(args))
 
 
-def _fit_checkpoint(path: Path) -> None:
-    """Save a ResNet-20 that classifies most of the first N embedded images (fitted in a few seconds)."""
-    ds = load_dataset("embedded", "train", limit=N)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        net = create_model("resnet20", num_classes=10, image_size=32)
-    model = Normalized(net, ds.mean, ds.std)
-    x = ds.images.float() / 255
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one pass gives the exact batch statistics
-            m.reset_running_stats()
-    with torch.no_grad():
-        model.train()(x)
-        model.eval()
-        feats: list[torch.Tensor] = []
-        hook = net.fc.register_forward_hook(lambda mod, inp, out: feats.append(inp[0]))
-        model(x)
-        hook.remove()
-    opt = torch.optim.SGD(net.fc.parameters(), lr=1.0, momentum=0.9)
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(net.fc(feats[0]), ds.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    save_checkpoint(path, Checkpoint(arch="resnet20", num_classes=10, dataset="embedded", fingerprint=ds.fingerprint,
-                                     mean=ds.mean, std=ds.std, image_size=32, model_state=state,
-                                     metrics={"test_acc": 0.5}))
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
     """A working folder holding runs/embedded/resnet20/none/best.pt and a reference store made in-process."""
@@ -94,7 +62,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
         torch.set_num_threads(1)
         try:
             ckpt = root / "runs" / "embedded" / "resnet20" / "none" / "best.pt"
-            _fit_checkpoint(ckpt)
+            fit_checkpoint(ckpt, N)
             result = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "0")
             assert result.exit_code == 0, result.output
             stores = list((root / "masks").iterdir())

@@ -26,11 +26,8 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
+from helpers.checkpoints import fit_checkpoint
 from advpipe.cli import app
-from advpipe.data.datasets import load_dataset
-from advpipe.models.checkpoint import Checkpoint, save_checkpoint
-from advpipe.models.normalize import Normalized
-from advpipe.models.registry import create_model
 from advpipe.pipeline.store import open_store
 
 N, CHUNK = 96, 8
@@ -49,37 +46,6 @@ ZARR_WARNINGS = ("ignore:Numcodecs codecs are not in:UserWarning", "ignore:Conso
 runner = CliRunner()
 
 
-def fit_checkpoint(path: Path, n: int = N) -> None:
-    """Save a ResNet-20 that classifies most of the first ``n`` embedded images (fitted in seconds)."""
-    ds = load_dataset("embedded", "train", limit=n)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        net = create_model("resnet20", num_classes=10, image_size=32)
-    model = Normalized(net, ds.mean, ds.std)
-    x = ds.images.float() / 255
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one pass gives the exact batch statistics
-            m.reset_running_stats()
-    with torch.no_grad():
-        model.train()(x)
-        model.eval()
-        feats: list[torch.Tensor] = []
-        hook = net.fc.register_forward_hook(lambda mod, inp, out: feats.append(inp[0]))
-        model(x)
-        hook.remove()
-    opt = torch.optim.SGD(net.fc.parameters(), lr=1.0, momentum=0.9)
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(net.fc(feats[0]), ds.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    save_checkpoint(path, Checkpoint(arch="resnet20", num_classes=10, dataset="embedded", fingerprint=ds.fingerprint,
-                                     mean=ds.mean, std=ds.std, image_size=32, model_state=state,
-                                     metrics={"test_acc": 0.5}))
-
-
 @pytest.fixture(scope="session")
 def faults_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A folder with runs/embedded/resnet20/none/best.pt, an uninterrupted reference store and its seconds per chunk."""
@@ -90,7 +56,7 @@ def faults_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         torch.set_num_threads(1)
         try:
             ckpt = root / "runs" / "embedded" / "resnet20" / "none" / "best.pt"
-            fit_checkpoint(ckpt)
+            fit_checkpoint(ckpt, N)
             ref = root / "reference.zarr"
             result = runner.invoke(app, ["precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "0",
                                          "--out", str(ref)])
