@@ -93,17 +93,17 @@ def numpy_squares(mask: np.ndarray, rng: np.random.Generator, k_max: int) -> np.
     return ~cover
 
 
-def time_kernel(masks: torch.Tensor, repeats: int, seed: int) -> dict[str, float]:
-    """Median and best seconds per call of sample_squares on ``masks``."""
+def time_kernel(masks: torch.Tensor, repeats: int, seed: int, backend: str) -> dict[str, float]:
+    """Median and best seconds per call of sample_squares on ``masks`` with the given scan backend."""
     g = torch.Generator(device=masks.device).manual_seed(seed)
-    for _ in range(3):
-        sample_squares(masks, L_RANGE, P_RANGE, O_MAX, g)
+    for _ in range(3):  # includes numba's compile (or cache load) on the first call
+        sample_squares(masks, L_RANGE, P_RANGE, O_MAX, g, backend=backend)
     times, cpu_times = [], []
     for _ in range(repeats):
         if masks.device.type == "cuda":
             torch.cuda.synchronize()
         t, c = time.perf_counter(), time.process_time()
-        out = sample_squares(masks, L_RANGE, P_RANGE, O_MAX, g)
+        out = sample_squares(masks, L_RANGE, P_RANGE, O_MAX, g, backend=backend)
         if masks.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -203,12 +203,16 @@ def main() -> None:
                                               "points_per_image": 100, "max_candidates": DEFAULT_MAX_CANDIDATES}}
     masks = attack_like_masks(max(256, args.numpy_images), seed=0)
     reference = time_numpy(masks[: args.numpy_images], seed=1)
+    # the default backend on CPU is numba (compiled scan); the batched torch rounds run beside it
+    backends = ["numba", "torch"] if device.type == "cpu" else ["torch"]
     runs = {}
-    for n in threads:
-        torch.set_num_threads(n)
-        runs[str(n)] = {str(b): time_kernel(masks[:b].to(device), args.repeats, seed=b) for b in (128, 256)}
+    for backend in backends:
+        for n in threads:
+            torch.set_num_threads(n)
+            runs[f"{backend}/{n}"] = {str(b): time_kernel(masks[:b].to(device), args.repeats, seed=b, backend=backend)
+                                      for b in (128, 256)}
     torch.set_num_threads(default_threads)
-    report["sample_squares_by_threads"] = runs
+    report["sample_squares_by_backend_threads"] = runs
     report["numpy_per_image"] = reference
     report["speedup_vs_numpy"] = {n: {b: k["masks_per_s"] / reference["masks_per_s"] for b, k in run.items()}
                                   for n, run in runs.items()}
@@ -221,7 +225,7 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for n, run in runs.items():
         for b, k in run.items():
-            print(f"sample_squares threads {n} batch {b}: {k['masks_per_s']:,.0f} masks/s "
+            print(f"sample_squares backend/threads {n} batch {b}: {k['masks_per_s']:,.0f} masks/s "
                   f"(best {k['masks_per_s_best']:,.0f}, by CPU time {k['masks_per_s_cpu_time']:,.0f}); "
                   f"x{k['masks_per_s'] / reference['masks_per_s']:.1f} vs NumPy")
     print(f"numpy per image: {reference['masks_per_s']:,.0f} masks/s; wrote {args.out}")

@@ -111,45 +111,30 @@ def test_square_rules_other_settings(settings):
     check_rules(masks, out, settings["l_range"], settings["p_range"], "random")
 
 
-def test_batched_rounds_equal_the_sequential_scan_exactly(monkeypatch):
-    """With the visiting order pinned (pixel order), the batched kernel accepts exactly the squares a
-    plain candidate-by-candidate scan accepts, in the same order."""
-    import advpipe.augment.advmask as advmask
-
-    def pixel_order(points, k, generator):
-        b = points.shape[0]
-        flat = points.flatten(1)
-        counts = flat.sum(1)
-        width = min(k, int(counts.max()))
-        rank = flat.cumsum(1) - 1
-        centre = torch.zeros(2, b, width)
-        keys = torch.full((b, width), 2.0)
-        for i in range(b):
-            pix = flat[i].nonzero().squeeze(1)[:width]
-            centre[0, i, : len(pix)], centre[1, i, : len(pix)] = (pix // points.shape[2]).float(), \
-                (pix % points.shape[2]).float()
-            keys[i, : len(pix)] = rank[i, pix].float() / (width + 1)
-        return centre, keys, counts
-
-    monkeypatch.setattr(advmask, "_candidates", pixel_order)
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_kernel_equals_the_plain_sequential_scan_exactly(backend):
+    """Replaying the generator's draws, each backend accepts exactly the squares a plain
+    candidate-by-candidate scan over the Fisher-Yates visiting order accepts, in the same order."""
     masks = blob_masks(60, seed=21)
     k, (l_min, l_max), (p_min, p_max) = 48, (2, 15), (0.2, 0.4)
-    out = sample_squares(masks, (l_min, l_max), (p_min, p_max), 0.1, gen(5), max_candidates=k)
+    out = sample_squares(masks, (l_min, l_max), (p_min, p_max), 0.1, gen(5), max_candidates=k, backend=backend)
     replay = gen(5)
     torch.rand(60, 2, generator=replay)  # p and o
     width = min(k, int(masks.flatten(1).sum(1).max()))
-    sides = torch.randint(l_min, l_max + 1, (60, width), generator=replay)
+    draws = torch.rand(2, 60, width, generator=replay)  # the shuffle's uniforms, then the sides'
+    sides = (draws[1] * (l_max - l_min + 1)).long().clamp(max=l_max - l_min) + l_min
     hw = 32 * 32
     checked = 0
     for i in range(60):
         if out.fallback_used[i]:
             continue
-        points = masks[i].flatten().nonzero().squeeze(1)[:width].tolist()
+        points = masks[i].flatten().nonzero().squeeze(1).tolist()
         target, t_max, o = math.ceil(float(out.p[i]) * hw - 1e-6), math.floor(p_max * hw + 1e-6), float(out.o[i])
         cover, accepted = torch.zeros(32, 32, dtype=torch.bool), []  # accepted: (square, box, area)
-        for j, pix in enumerate(points):
-            if int(cover.sum()) >= target:
-                break
+        for j in range(min(width, len(points))):
+            swap = min(j + math.floor(float(draws[0, i, j] * (len(points) - j))), len(points) - 1)
+            points[j], points[swap] = points[swap], points[j]
+            pix = points[j]
             square = torch.tensor([pix // 32, pix % 32, int(sides[i, j])])
             box = square_boxes(square, 32, 32)
             area = int((box[2] - box[0]) * (box[3] - box[1]))
@@ -162,11 +147,25 @@ def test_batched_rounds_equal_the_sequential_scan_exactly(monkeypatch):
                 continue
             cover = grown
             accepted.append((square, box, area))
+            if int(cover.sum()) >= target:
+                break
         ours = out.squares[i][out.valid[i]]
         assert torch.equal(ours, torch.stack([a[0] for a in accepted]) if accepted else ours[:0]), i
         assert torch.equal(~cover, out.keep[i])
         checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("fallback", ["random", "skip", "gridmask"])
+@pytest.mark.parametrize("settings", [CIFAR, dict(l_range=(5, 20), p_range=(0.06, 0.5), o_max=0.2),
+                                      dict(l_range=(1, 3), p_range=(0.0, 1.0), o_max=1.0)])
+def test_numba_and_torch_backends_agree_exactly(fallback, settings):
+    """The compiled CPU scan and the batched torch rounds consume the same draws: identical outputs."""
+    masks = torch.cat([mixed_masks(), blob_masks(24, seed=9), torch.rand(8, 32, 32, generator=gen(2)) < 0.3])
+    a = sample_squares(masks, generator=gen(11), fallback=fallback, backend="torch", **settings)
+    b = sample_squares(masks, generator=gen(11), fallback=fallback, backend="numba", **settings)
+    for field in ("keep", "squares", "valid", "fallback_used", "p", "o"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
 def test_squares_to_keep_paints_clipped_squares():
@@ -211,9 +210,12 @@ def test_candidate_cap_bounds_the_candidates():
     assert (out.valid.sum(1) <= 10).all() and out.fallback_used.all()
 
 
-def test_empty_batch_and_bad_parameters():
-    out = sample_squares(torch.zeros(0, 32, 32, dtype=torch.bool), generator=gen(0), **CIFAR)
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_empty_batch_and_bad_parameters(backend):
+    out = sample_squares(torch.zeros(0, 32, 32, dtype=torch.bool), generator=gen(0), backend=backend, **CIFAR)
     assert out.keep.shape == (0, 32, 32) and out.squares.shape[0] == 0
+    with pytest.raises(AdvpipeError, match="backend"):
+        sample_squares(mixed_masks(), generator=gen(0), backend="fortran", **CIFAR)
     for bad in (dict(l_range=(0, 3)), dict(l_range=(5, 3)), dict(p_range=(0.5, 0.2)), dict(o_max=1.5),
                 dict(l_range=(2.5, 4))):
         with pytest.raises(AdvpipeError):

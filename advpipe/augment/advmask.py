@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from advpipe.augment import greedy_cpu
 from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, occlude
 from advpipe.augment.occlusion import (gridmask_defaults, gridmask_keep, linear_ramp, resolve_generator,
                                       sample_gridmask)
@@ -44,6 +45,7 @@ from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 
 FALLBACKS = ("random", "skip", "gridmask")
+BACKENDS = ("auto", "torch", "numba")
 #: candidates considered per image; with ~100 attack points on CIFAR this changes the masked-ratio
 #: distribution by less than 0.01 versus no cap (see docs/augmentations.md) while bounding the work
 DEFAULT_MAX_CANDIDATES = 64
@@ -114,7 +116,7 @@ def check_square_params(l_range: Sequence[int], p_range: Sequence[float], o_max:
 
 def sample_squares(attack_masks: torch.Tensor, l_range: Sequence[int], p_range: Sequence[float], o_max: float,
                    generator: torch.Generator | None = None, fallback: str = "random", *,
-                   max_candidates: int = DEFAULT_MAX_CANDIDATES) -> SquareMasks:
+                   max_candidates: int = DEFAULT_MAX_CANDIDATES, backend: str = "auto") -> SquareMasks:
     """Sample AdvMask occlusion squares (paper Sec. III-B, Eqs. 8-11) for a batch of (B,H,W) point masks.
 
     ``attack_masks`` is (B,H,W) bool (True = attack point). At most ``max_candidates`` points per
@@ -125,6 +127,11 @@ def sample_squares(attack_masks: torch.Tensor, l_range: Sequence[int], p_range: 
     (a GridMask keep-mask with the defaults for the image size). Runs on the masks' device; the
     same ``generator`` state gives the same result (``None``: a fresh generator with PyTorch's
     default seed, so repeated calls repeat themselves; pass your own during training).
+
+    ``backend``: ``"torch"`` runs the greedy scan as batched tensor rounds on any device; ``"numba"``
+    runs the same scan compiled, one image at a time, on CPU tensors (several times faster there);
+    ``"auto"`` takes numba for CPU tensors when it is installed. All random draws happen in torch
+    before the scan, so both backends give identical results for the same generator state.
 
     Example::
 
@@ -140,6 +147,7 @@ def sample_squares(attack_masks: torch.Tensor, l_range: Sequence[int], p_range: 
     masks = attack_masks.bool()
     b, h, w = masks.shape
     dev = masks.device
+    backend = _resolve_backend(backend, dev)
     hw = h * w
     generator = resolve_generator(generator, dev)
     u = torch.rand(b, 2, generator=generator, device=dev)
@@ -151,14 +159,14 @@ def sample_squares(attack_masks: torch.Tensor, l_range: Sequence[int], p_range: 
     target = torch.ceil(p * hw - _EPS)
 
     squares, valid, covered, keep, counts = _greedy_squares(masks, h, w, l_min, l_max, target, o, t_max,
-                                                            max_candidates, generator)
+                                                            max_candidates, generator, backend)
     fallback_used = (counts == 0) | (covered < short_of)
     if fallback == "random":
         if bool(fallback_used.any()):
             idx = fallback_used.nonzero().squeeze(1)
             everywhere = torch.ones(len(idx), h, w, dtype=torch.bool, device=dev)
             sq2, va2, _, keep2, _ = _greedy_squares(everywhere, h, w, l_min, l_max, target[idx], o[idx], t_max,
-                                                    max_candidates, generator)
+                                                    max_candidates, generator, backend)
             squares, valid = _merge_rows(squares, valid, idx, sq2, va2)
             keep = keep.index_copy(0, idx, keep2)
     else:
@@ -178,6 +186,17 @@ def apply_squares(images: torch.Tensor, masks: SquareMasks | torch.Tensor,
     return occlude(images, keep, tuple(mean) if not isinstance(mean, torch.Tensor) else mean)
 
 
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """Pick the scan backend: numba for CPU tensors when it is installed, else torch."""
+    if backend not in BACKENDS:
+        raise AdvpipeError(f"AdvMask: unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "numba" if device.type == "cpu" and greedy_cpu.AVAILABLE else "torch"
+    if backend == "numba" and (device.type != "cpu" or not greedy_cpu.AVAILABLE):
+        raise AdvpipeError("AdvMask: the numba backend needs numba installed and CPU tensors")
+    return backend
+
+
 def _merge_rows(squares: torch.Tensor, valid: torch.Tensor, idx: torch.Tensor, sub_squares: torch.Tensor,
                 sub_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace rows ``idx`` of (B,A,3)/(B,A) by (n,A',3)/(n,A'), padding both to the wider one."""
@@ -190,32 +209,29 @@ def _merge_rows(squares: torch.Tensor, valid: torch.Tensor, idx: torch.Tensor, s
     return squares, valid
 
 
-def _candidates(points: torch.Tensor, k: int, generator: torch.Generator | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pack up to ``k`` of each image's points, a uniformly random subset, with random visiting keys.
+def _candidates(points: torch.Tensor, counts: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k points of each image in visiting order: (2,B,k) float (row, col) and (B,k) real-slot flags.
 
-    ``points`` is (B,H,W) bool. Returns (2,B,K) float (row, col) of the candidates, (B,K) keys in
-    [0,1) (>= 2 on padding) whose ascending order is the visiting order, and (B,) point counts.
-    Images with more than ``k`` points keep the ``k`` with the smallest keys; the order itself is
-    never sorted out, since the greedy loop always takes the smallest open key.
+    ``points`` is (B,H,W) bool with ``counts`` points per image. The order is a partial Fisher-Yates
+    shuffle of the points in raster order: slot j swaps with slot ``j + floor(u[:, j] * (n - j))``,
+    a uniformly random subset in uniformly random order, computed exactly as the numba backend does.
     """
-    b = points.shape[0]
+    b, k = u.shape
     dev = points.device
     img, rr, cc = points.nonzero().unbind(1)
-    counts = torch.bincount(img, minlength=b)
-    width = int(counts.max()) if b else 0
-    packed = torch.zeros(2, b, width, device=dev)
-    if width == 0:
-        return packed, packed[0], counts
+    width = max(int(counts.max()), k)
+    perm = torch.zeros(b, width, dtype=torch.long, device=dev)
     rank = torch.arange(len(img), device=dev) - (counts.cumsum(0) - counts)[img]
-    packed[0, img, rank] = rr.float()
-    packed[1, img, rank] = cc.float()
-    keys = torch.rand(b, width, generator=generator, device=dev)
-    keys += (torch.arange(width, device=dev) >= counts[:, None]) * 2.0
-    if width > k:
-        keys, order = keys.topk(k, dim=1, largest=False, sorted=False)
-        packed = packed.gather(2, order.expand(2, b, k))
-    return packed, keys, counts
+    perm[img, rank] = rr * points.shape[2] + cc
+    left = counts.float()
+    for j in range(k):
+        pick = (j + (u[:, j] * (left - j).clamp(min=0)).floor().long()).clamp(max=(counts - 1).clamp(min=j))
+        here = perm[:, j].clone()
+        perm[:, j] = perm.gather(1, pick[:, None]).squeeze(1)
+        perm.scatter_(1, pick[:, None], here[:, None])
+    chosen = perm[:, :k]
+    centre = torch.stack([chosen // points.shape[2], chosen % points.shape[2]]).float()
+    return centre, torch.arange(k, device=dev) < counts[:, None]
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,9 +245,9 @@ def _bit_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int, target: torch.Tensor,
-                    o: torch.Tensor, t_max: int, k: int, generator: torch.Generator | None
+                    o: torch.Tensor, t_max: int, k: int, generator: torch.Generator | None, backend: str = "torch"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the greedy square acceptance on (B,H,W) point masks.
+    """Run the greedy square acceptance on (B,H,W) point masks (``backend`` torch or numba).
 
     Returns squares (B,A,3), valid (B,A), covered pixel counts (B,), the keep mask (B,H,W) and the
     number of points per image (B,).
@@ -248,12 +264,21 @@ def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int
     """
     b = points.shape[0]
     dev = points.device
-    centre, keys, counts = _candidates(points, k, generator)
-    k = keys.shape[1]
-    side = torch.randint(l_min, l_max + 1, (b, k), generator=generator, device=dev)
-    if k == 0 or b == 0:
+    counts = greedy_cpu.count_points(points) if backend == "numba" else points.flatten(1).sum(1)
+    k = min(k, int(counts.max()) if b else 0)
+    # one draw for both: uniforms of the visiting order's shuffle, and the sides (the j-th visited
+    # candidate of an image gets side[:, j])
+    draws = torch.rand(2, b, k, generator=generator, device=dev)
+    u = draws[0]
+    side = (draws[1] * (l_max - l_min + 1)).long().clamp_(max=l_max - l_min).add_(l_min)
+    if k == 0:
         return (torch.zeros(b, 0, 3, dtype=torch.long, device=dev), torch.zeros(b, 0, dtype=torch.bool, device=dev),
                 torch.zeros(b, dtype=torch.long, device=dev), torch.ones(b, h, w, dtype=torch.bool, device=dev), counts)
+    if backend == "numba":
+        squares, n_acc, covered, keep = greedy_cpu.greedy_cpu(points, u, side, o, target, t_max)
+        width = int(n_acc.max())
+        return squares[:, :width], torch.arange(width) < n_acc[:, None], covered, keep, counts
+    centre, real = _candidates(points, counts, u)
     # (6,B,K) float planes, integers held exactly: y0, x0, y1, x1, floor(o * area), height. Built
     # plane by plane because CPU kernels on 32k+ elements go multi-threaded, which stalls on busy cores
     feats = torch.empty(6, b, k, device=dev)
@@ -267,6 +292,10 @@ def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int
     # overlaps are integers, so "inter <= o * area" is exactly "inter <= floor(o * area)"
     torch.floor(o[:, None] * area, out=feats[4])
     y0, x0, y1, x1, o_plane = feats[:5]
+    # candidates sit in visiting order, so the slot is the priority: one cheap amin over
+    # "slot + k * (does not fit)" finds the next pick (argmin is several times slower on CPU)
+    prio = torch.arange(k, device=dev, dtype=torch.float)
+    closed = float(k)  # any score at or above this is not a pick
     # the columns of each candidate as bits, 16 per int32 word so a word indexes the popcount table
     n_words = (w + 15) // 16
     col_bits = torch.empty(n_words, b, k, dtype=torch.int32, device=dev)
@@ -275,13 +304,7 @@ def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int
         lo_bit, hi_bit = (x0_int - 16 * j).clamp_(0, 16), (x1_int - 16 * j).clamp_(0, 16)
         col_bits[j] = (1 << hi_bit) - (1 << lo_bit)
     big = 4.0 * h * w + 4
-    need = area + (keys > 1.5) * big
-    # visiting priority with the slot folded in, so one cheap amin finds both the best score and its
-    # slot (argmin is several times slower on CPU): keys quantized to ``levels`` steps (ties, under 1%
-    # of images at K = 64, go to the lower slot), all values exact in float32 (< 2^24)
-    levels = float((1 << 24) // k)
-    prio = (keys.clamp(max=1 - 1 / levels) * levels).floor_().mul_(k).add_(torch.arange(k, device=dev))
-    closed = levels * k  # any score at or above this is not a pick
+    need = area + (~real) * big
 
     win = min(l_max, h)
     win_rows = torch.arange(win, device=dev)
@@ -315,7 +338,7 @@ def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int
             cover_out.index_copy_(0, rows_of, cover)
             picks_out.index_copy_(0, rows_of, picks)
             live = has.nonzero().squeeze(1)
-            feats, need, prio, col_bits, cover = feats[:, live], need[live], prio[live], col_bits[:, live], cover[live]
+            feats, need, col_bits, cover = feats[:, live], need[live], col_bits[:, live], cover[live]
             y0, x0, y1, x1, o_plane = feats[:5]
             covered, target, budget, slack, done = covered[live], target[live], budget[live], slack[live], done[live]
             rows_of, picks, no_pick, pick, has = rows_of[live], picks[live], no_pick[live], pick[live], has[live]
@@ -344,19 +367,26 @@ def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int
     covered_out.index_copy_(0, rows_of, covered)
     cover_out.index_copy_(0, rows_of, cover)
     picks_out.index_copy_(0, rows_of, picks)
-    picks = picks_out
     keep = clear_bits.index_select(0, cover_out[:, :h].reshape(-1)).view(b, h, n_words * 16)[:, :, :w]
+    return _pack_squares(picks_out[:, : rounds + 1], centre, side, covered_out.long(), keep, counts)
+
+
+def _pack_squares(picks: torch.Tensor, centre: torch.Tensor, side: torch.Tensor, covered: torch.Tensor,
+                  keep: torch.Tensor, counts: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn accepted slots (B,R), -1 where a round accepted nothing, into (squares, valid, covered, keep, counts)."""
+    b, dev = picks.shape[0], picks.device
     # rounds where an image accepted nothing leave holes; pack accepted slots to the front, in order
-    taken = picks[:, : rounds + 1] >= 0
+    taken = picks >= 0
     n_taken = taken.sum(1)
-    width = int(n_taken.max())
+    width = int(n_taken.max()) if b else 0
     dest = torch.where(taken, taken.cumsum(1) - 1, width)
-    slots = torch.zeros(b, width + 1, dtype=torch.long, device=dev).scatter_(1, dest, picks[:, : rounds + 1])
+    slots = torch.zeros(b, width + 1, dtype=torch.long, device=dev).scatter_(1, dest, picks)
     slots = slots[:, :width]
     valid = torch.arange(width, device=dev) < n_taken[:, None]
     squares = torch.stack([centre[0].long().gather(1, slots), centre[1].long().gather(1, slots),
                            side.gather(1, slots)], -1)
-    return squares * valid[..., None], valid, covered_out.long(), keep, counts
+    return squares * valid[..., None], valid, covered, keep, counts
 
 
 # ------------------------------------------------------------------------------ registered augmentations
