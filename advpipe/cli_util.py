@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -56,12 +57,73 @@ class RichReporter:
             self.bar.remove_task(task.task_id)
 
 
+class _LogTask:
+    def __init__(self, reporter: "LogReporter", description: str, total: float | None, unit: str) -> None:
+        self.reporter, self.description, self.total, self.unit = reporter, description, total, unit
+        self.done, self.info = 0.0, ""
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        self.done += n
+        if fields:
+            self.info = "  ".join(f"{k} {v}" for k, v in fields.items())
+        now = time.monotonic()
+        if now - self.last >= self.reporter.interval:
+            self.last = now
+            self.reporter.emit(self)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{self.description}: {self.done:,.0f}"]
+        if self.total:
+            parts[0] += f"/{self.total:,.0f}"
+            parts.append(f"{100 * self.done / self.total:.0f}%")
+        parts.append(f"{rate:,.1f} {self.unit}/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.total and rate > 0:
+            parts.append(f"eta {_clock((self.total - self.done) / rate)}")
+        return "  ".join(parts + ([self.info] if self.info else []))
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class LogReporter:
+    """Progress for non-terminal stderr (logs, CI, nohup): one plain line per task every ``interval`` s and at the end."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        """Print at most one line per task every ``interval`` seconds."""
+        self.interval = interval
+
+    def open(self, description: str, total: float | None, unit: str) -> _LogTask:
+        """Start a task (silently: short tasks print only their final line)."""
+        return _LogTask(self, description, total, unit)
+
+    def close(self, task: _LogTask) -> None:
+        """Print the task's final line (unless it never advanced, e.g. bad input stopped it at once)."""
+        if task.done:
+            self.emit(task)
+
+    def emit(self, task: _LogTask) -> None:
+        """Write one progress line to stderr."""
+        console.print(task.line(), highlight=False, soft_wrap=True)
+
+
+def make_reporter() -> RichReporter | LogReporter:
+    """Rich bars on a terminal, periodic plain lines otherwise."""
+    return RichReporter() if console.is_terminal else LogReporter()
+
+
 def user_errors(func: F) -> F:
     """Decorate a command: AdvpipeError becomes ``error: ...`` on stderr and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = progress.use_reporter(RichReporter())
+        previous = progress.use_reporter(make_reporter())
         try:
             return func(*args, **kwargs)
         except AdvpipeError as exc:

@@ -105,3 +105,22 @@ def test_python_m_advpipe_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "advpipe", "train", "--model", "nope", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
+
+
+def test_progress_without_a_terminal_prints_periodic_plain_lines(capsys):
+    """Logs and CI get readable progress lines (count, percent, rate, eta), not a silent rich bar."""
+    from advpipe import progress
+    from advpipe.cli_util import LogReporter
+
+    previous = progress.use_reporter(LogReporter(interval=0.0))
+    try:
+        for _ in progress.track(range(4), "attack", unit="img"):
+            pass
+        with progress.task("idle", total=10):
+            pass  # never advanced: prints nothing
+    finally:
+        progress.use_reporter(previous)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines[0].startswith("attack: 1/4") and "25%" in lines[0] and "img/s" in lines[0] and "eta" in lines[0]
+    assert lines[-1].startswith("attack: 4/4") and "100%" in lines[-1]
+    assert not any(ln.startswith("idle") for ln in lines)
