@@ -71,6 +71,65 @@ def test_chunk_cache_reads_the_same_masks(ds, store_path):
     assert len(cache._cache) <= 2
 
 
+def test_block_shuffle_is_a_chunk_aware_permutation():
+    from advpipe.data.loader import block_shuffle
+
+    ragged = block_shuffle(1003, 10, 4, torch.Generator().manual_seed(1))
+    assert sorted(ragged.tolist()) == list(range(1003))  # every sample once, with a short last block
+    order = block_shuffle(1000, 10, 4, torch.Generator().manual_seed(1))
+    assert sorted(order.tolist()) == list(range(1000))
+    assert not torch.equal(order, torch.arange(1000))
+    # each group of 4 blocks (40 samples) draws from exactly 4 chunks, and the order inside a group
+    # is mixed rather than chunk by chunk
+    for start in range(0, 1000, 40):
+        group = order[start : start + 40]
+        assert len((group // 10).unique()) == 4
+        assert (group[1:] // 10 != group[:-1] // 10).sum() > 10
+    assert torch.equal(order, block_shuffle(1000, 10, 4, torch.Generator().manual_seed(1)))
+
+
+class CountingStore:
+    """A store wrapper that counts chunk reads and records how many were held at once."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def read_masks(self, start, stop):
+        self.reads.append(start // self.store.chunk_size)
+        return self.store.read_masks(start, stop)
+
+
+def test_large_store_streams_each_chunk_once_in_the_background_with_bounded_memory(ds, tmp_path):
+    import time
+
+    path = write_store(tmp_path / "small-chunks.zarr", ds, chunk_size=10)  # 30 chunks
+    store = CountingStore(open_for_training(str(path), ds))
+    cache = ChunkCache(store, torch.device("cpu"), window=3, ahead=3)
+    loader = DeviceLoader(ds, batch_size=20, seed=2, side={"attack_mask": cache}, pad=0, flip=False)
+    assert loader.shuffle_blocks == (10, 3)  # the loader's order follows the chunks
+    expected = torch.from_numpy(fake_masks(ds))
+    largest = 0
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        before = len(store.reads)
+        for i, batch in enumerate(loader):
+            if i == 0:
+                # the read-ahead thread had read the first chunks before training asked for them
+                deadline = time.monotonic() + 10
+                while len(store.reads) - before < 3 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            assert torch.equal(batch.side["attack_mask"], expected[batch.index])
+            largest = max(largest, len(cache._cache))
+        reads = sorted(store.reads[before:])
+        assert len(set(reads)) == len(reads)  # no chunk read twice in an epoch
+        if epoch == 0:
+            assert reads == list(range(30))  # (later epochs find the previous epoch's last chunks cached)
+    assert largest <= cache.max_chunks == 9
+
+
 def test_mismatched_data_is_refused_naming_both_sides(store_path):
     other = load_dataset("embedded", "train", limit=299)
     with pytest.raises(AdvpipeError, match="store .* vs data"):

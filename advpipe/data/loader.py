@@ -26,6 +26,24 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
+def block_shuffle(n: int, block: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of ``range(n)`` that reads blocks of ``block`` consecutive indices ``window`` at a time.
+
+    The blocks are visited in random order; the indices of each group of ``window`` consecutive
+    blocks in that order are shuffled together. A streamed store then needs only about ``window``
+    chunks in memory at once, and every sample still appears exactly once per epoch.
+    """
+    if block < 1 or window < 1:
+        raise ValueError(f"block and window must be >= 1, got {block}, {window}")
+    n_blocks = -(-n // block)
+    blocks = torch.randperm(n_blocks, generator=generator)
+    parts = []
+    for g in range(0, n_blocks, window):
+        index = torch.cat([torch.arange(b * block, min(n, (b + 1) * block)) for b in blocks[g : g + window].tolist()])
+        parts.append(index[torch.randperm(len(index), generator=generator)])
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 class _IndexedImages(Dataset):
     """Reads single images of a lazy split for the DataLoader, returning (image, label, index)."""
 
@@ -44,7 +62,9 @@ class DeviceLoader:
 
     Each epoch's order and augmentation come from generators seeded by (seed, epoch), so the same
     seed gives the same batches and a resumed run continues exactly. With ``world_size > 1`` each
-    rank takes a disjoint, equally long shard of every epoch's shuffled order.
+    rank takes a disjoint, equally long shard of every epoch's shuffled order. A side source with a
+    ``shuffle_blocks`` attribute (block, window) makes the training order chunk-aware
+    (:func:`block_shuffle`); one with a ``plan`` method is told each epoch's order before it starts.
     """
 
     def __init__(
@@ -73,6 +93,8 @@ class DeviceLoader:
         self.flip = flip and train
         self.drop_last = train if drop_last is None else drop_last
         self.side = dict(side or {})
+        blocks = [src.shuffle_blocks for src in self.side.values() if getattr(src, "shuffle_blocks", None)]
+        self.shuffle_blocks: tuple[int, int] | None = blocks[0] if blocks else None
         self.workers = workers
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -87,7 +109,10 @@ class DeviceLoader:
         n = len(self.ds)
         if self.train:
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(n, generator=gen)
+            if self.shuffle_blocks:
+                order = block_shuffle(n, *self.shuffle_blocks, generator=gen)
+            else:
+                order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
         if self.world_size > 1:
@@ -103,6 +128,9 @@ class DeviceLoader:
         order = self._order()
         if self.drop_last:
             order = order[: len(order) // self.batch_size * self.batch_size]
+        for src in self.side.values():
+            if hasattr(src, "plan"):
+                src.plan(order)  # e.g. start reading mask chunks ahead, in this order
         # crops and flips differ per rank; rank 0 keeps the single-process stream
         gen = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream=1 + 10 * self.rank))
         for index, images in self._raw_batches(order):

@@ -4,7 +4,8 @@ Before anything is read, the store's provenance must match the training data (fi
 split, N, image shape) and be complete; every read is checksum-verified by the store's codecs and
 the per-sample content hashes must equal the data's. A CIFAR-sized store is loaded once and kept on
 the device bit-packed (about 6 MB per 50k 32x32 masks) and unpacked per batch; larger stores are
-read chunk by chunk through a bounded cache. The store is opened read-only and never modified.
+read chunk by chunk, ahead of use in a background thread, through a bounded cache, and training
+visits them in a chunk-aware shuffled order. The store is opened read-only and never modified.
 """
 
 from __future__ import annotations
@@ -80,44 +81,108 @@ class ResidentMasks:
 
 
 class ChunkCache:
-    """Masks of a large store read one chunk at a time through a bounded LRU cache.
+    """Masks of a large store read one chunk at a time, in the background, through a bounded cache.
 
-    Every read is chunk-sized, never one tiny read per sample; memory stays below ``max_chunks``
-    decoded chunks. ``prefetch`` reads chunks in a background thread ahead of their use.
+    Every read is chunk-sized, never one tiny read per sample. ``shuffle_blocks`` asks the training
+    loader for a chunk-aware shuffled order (chunks in random order, ``window`` chunks' samples
+    shuffled together, see :func:`advpipe.data.loader.block_shuffle`); :meth:`plan` then starts a
+    thread that reads the epoch's chunks in order of first use, at most ``ahead`` chunks beyond the
+    furthest one training has reached. At most ``max_chunks`` decoded chunks stay in memory (two
+    windows, as a batch may straddle them, plus the read-ahead); eviction drops chunks training is
+    done with first, else the one needed furthest in the future. A chunk the thread could not read is read again on use,
+    so errors surface in training with their own message.
     """
 
-    def __init__(self, store: MaskStore, device: torch.device, max_chunks: int = 16) -> None:
-        """Wrap ``store``; keep at most ``max_chunks`` decoded chunks."""
-        self.store, self.device, self.max_chunks = store, device, max_chunks
+    def __init__(self, store: MaskStore, device: torch.device, window: int = 8, ahead: int | None = None,
+                 max_chunks: int | None = None) -> None:
+        """Wrap ``store``: shuffle ``window`` chunks together, read up to ``ahead`` (default ``window``) chunks ahead."""
+        if window < 1:
+            raise AdvpipeError(f"chunk window must be >= 1, got {window}")
+        self.store, self.device, self.window = store, device, window
+        self.ahead = window if ahead is None else ahead
+        # a batch may straddle two windows; ahead of them, the read-ahead
+        self.max_chunks = max_chunks or (2 * window + self.ahead)
+        self.shuffle_blocks = (store.chunk_size, window)
+        self.reads = 0  # chunks read from the store (cache misses and read-ahead)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._loading: set[int] = set()
+        self._cond = threading.Condition()
+        self._plan: dict[int, int] = {}  # chunk -> position in this epoch's chunk sequence
+        self._reached = -1  # furthest position of the current batch's chunks
+        self._low = -1  # earliest position of the current batch's chunks
+        self._generation = 0
 
     def _chunk(self, i: int) -> torch.Tensor:
-        with self._lock:
+        with self._cond:
+            while i not in self._cache and i in self._loading:
+                self._cond.wait()  # the read-ahead thread is reading it: wait instead of reading twice
             if i in self._cache:
                 self._cache.move_to_end(i)
                 return self._cache[i]
-        start, stop = self.store.chunk_bounds(i)
-        data = torch.from_numpy(self.store.read_masks(start, stop))
-        with self._lock:
+            self._loading.add(i)
+        try:
+            start, stop = self.store.chunk_bounds(i)
+            data = torch.from_numpy(self.store.read_masks(start, stop))
+        finally:
+            with self._cond:
+                self._loading.discard(i)
+                self._cond.notify_all()
+        with self._cond:
+            self.reads += 1
             self._cache[i] = data
             while len(self._cache) > self.max_chunks:
-                self._cache.popitem(last=False)
+                del self._cache[self._victim()]
         return data
 
-    def prefetch(self, chunks: list[int]) -> threading.Thread:
-        """Start reading ``chunks`` in the background (bounded by the cache size)."""
-        thread = threading.Thread(target=lambda: [self._chunk(i) for i in chunks[: self.max_chunks // 2]],
-                                  daemon=True)
+    def _victim(self) -> int:
+        """The chunk to drop: one training is done with (before the current batch in this epoch's
+        order, or off the plan), else the one needed furthest in the future."""
+        position = {c: self._plan.get(c, -1) for c in self._cache}
+        done = [c for c, pos in position.items() if pos < self._low]
+        return min(done, key=position.__getitem__) if done else max(position, key=position.__getitem__)
+
+    def plan(self, order: torch.Tensor) -> threading.Thread:
+        """Start reading this epoch's chunks in order of first use (replacing any earlier plan)."""
+        chunks = (order.cpu() // self.store.chunk_size).numpy()
+        _, first = np.unique(chunks, return_index=True)
+        sequence = chunks[np.sort(first)].tolist()
+        with self._cond:
+            self._generation += 1
+            self._plan = {c: pos for pos, c in enumerate(sequence)}
+            self._reached = self._low = -1
+            self._cond.notify_all()
+        thread = threading.Thread(target=self._read_ahead, args=(sequence, self._generation), daemon=True,
+                                  name="advpipe-mask-read-ahead")
         thread.start()
         return thread
+
+    def _read_ahead(self, sequence: list[int], generation: int) -> None:
+        for pos, chunk in enumerate(sequence):
+            with self._cond:
+                while generation == self._generation and pos > self._reached + self.ahead:
+                    self._cond.wait()
+                if generation != self._generation:
+                    return
+            try:
+                self._chunk(chunk)
+            except Exception as exc:  # noqa: BLE001 - training reads the chunk itself and reports the error
+                log.debug("mask read-ahead stopped at chunk %d: %s", chunk, exc)
+                return
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         """Return the (B,H,W) bool masks of the given dataset indices."""
         idx = index.cpu()
         chunk_of = idx // self.store.chunk_size
+        needed = chunk_of.unique().tolist()
+        with self._cond:
+            positions = [self._plan.get(c, -1) for c in needed]
+            self._low = max(self._low, min(positions, default=-1))
+            reached = max(positions, default=-1)
+            if reached > self._reached:
+                self._reached = reached
+                self._cond.notify_all()
         out = torch.empty(len(idx), *self.store.image_shape[1:], dtype=torch.bool)
-        for c in chunk_of.unique().tolist():
+        for c in needed:
             rows = (chunk_of == c).nonzero().squeeze(1)
             out[rows] = self._chunk(c)[idx[rows] - c * self.store.chunk_size]
         return out.to(self.device, non_blocking=True)

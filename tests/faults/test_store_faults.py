@@ -174,7 +174,8 @@ def chunked_streaming(monkeypatch: pytest.MonkeyPatch) -> list[ChunkCache]:
 
 
 def _remote_config(url: str, out: Path) -> TrainConfig:
-    # 32 chunks of 4 masks against a cache of 16 chunks: every batch of 16 needs chunks not yet read.
+    # 32 chunks of 4 masks against a cache of 24 (two windows of 8 plus 8 read ahead): the 8 batches
+    # of 16 cannot all be served from what was read before the store went away.
     return TrainConfig(data="embedded", limit=128, model="resnet20", aug="advmask", masks=url, epochs=1,
                        batch_size=16, lr=0.05, out=str(out), device="cpu", workers=0)
 
@@ -195,7 +196,8 @@ def test_remote_store_stopped_mid_training_is_a_clear_error(chunked_streaming, t
             error, seconds = _train_in_thread(_remote_config(url, tmp_path / "run"), REMOTE_DEADLINE_S)
         finally:
             progress.use_reporter(previous)
-    assert len(chunked_streaming) == 1 and reporter.batches == 1  # streamed one batch, then the server was gone
+    # streamed some batches (from chunks read before the server went), then needed one it could not read
+    assert len(chunked_streaming) == 1 and 1 <= reporter.batches < 128 // 16
     assert isinstance(error, AdvpipeError), repr(error)
     message = str(error)
     assert "\n" not in message and url in message and "Cannot connect" in message, message
