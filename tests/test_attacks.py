@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from advpipe.attacks import (
     LOSSES,
@@ -21,6 +19,7 @@ from advpipe.attacks import (
     random_targets,
 )
 from advpipe.errors import AdvpipeError
+from helpers.template_task import tiny_cnn, train_template_cnn
 
 K = 4  # classes
 S = 12  # image side
@@ -31,44 +30,10 @@ EPS = 8 / 255  # robust accuracy of the fixture model is roughly 25% here: a mea
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cnn(batchnorm: bool = False) -> nn.Sequential:
-    norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), norm(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, K),
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def task() -> SimpleNamespace:
     """A tiny CNN trained on noisy class templates, plus 1000 held-out images."""
-    gen = torch.Generator().manual_seed(0)
-    coarse = torch.randn(K, 3, 4, 4, generator=gen)
-    templates = F.interpolate(coarse, size=S, mode="bilinear", align_corners=False)
-    templates = templates / templates.abs().amax(dim=(1, 2, 3), keepdim=True)
-
-    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, K, (n,), generator=gen)
-        # A per-sample amplitude spreads the margins, so accuracy degrades gradually with eps.
-        amp = 0.1 + 0.25 * torch.rand(n, 1, 1, 1, generator=gen)
-        x = 0.5 + amp * templates[y] + 0.15 * torch.randn(n, 3, S, S, generator=gen)
-        return x.clamp(0, 1), y
-
-    x_train, y_train = sample(4096)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        idx = torch.randint(0, len(y_train), (64,), generator=gen)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
+    model, sample = train_template_cnn(K, S)
     x, y = sample(1000)
     ns = SimpleNamespace(model=model, x=x, y=y)
     assert accuracy(ns, x) > 0.9, "fixture model failed to train; the other tests would be meaningless"
@@ -254,7 +219,7 @@ def test_same_generator_seed_same_output_and_global_rng_untouched(task: SimpleNa
 def test_batchnorm_train_mode_is_kept_and_updates_statistics(task: SimpleNamespace) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        model = _cnn(batchnorm=True)
+        model = tiny_cnn(K, batchnorm=True)
     x, y = task.x[:64], task.y[:64]
     bn = model[1]
     model.train()

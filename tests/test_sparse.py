@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from advpipe.attacks.dense import pgd
 from advpipe.attacks.encoders import LinearEncoder, build_encoder
@@ -19,6 +17,7 @@ from advpipe.attacks.sparse import (
     sparse_attack,
 )
 from advpipe.errors import AdvpipeError
+from helpers.template_task import train_template_cnn
 
 K = 4  # classes
 S = 16  # image side
@@ -29,42 +28,10 @@ EPS = Fraction(32, 255)  # dense PGD succeeds on every fixture image; a few pixe
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, K),
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def task() -> SimpleNamespace:
     """A tiny CNN trained on noisy smooth class templates, plus 32 held-out correctly classified images."""
-    gen = torch.Generator().manual_seed(0)
-    coarse = torch.randn(K, 3, 4, 4, generator=gen)
-    templates = F.interpolate(coarse, size=S, mode="bilinear", align_corners=False)
-    templates = templates / templates.abs().amax(dim=(1, 2, 3), keepdim=True)
-
-    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, K, (n,), generator=gen)
-        amp = 0.1 + 0.25 * torch.rand(n, 1, 1, 1, generator=gen)
-        x = 0.5 + amp * templates[y] + 0.15 * torch.randn(n, 3, S, S, generator=gen)
-        return x.clamp(0, 1), y
-
-    x_train, y_train = sample(4096)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        idx = torch.randint(0, len(y_train), (64,), generator=gen)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
+    model, sample = train_template_cnn(K, S)
     x, y = sample(64)
     with torch.no_grad():
         correct = model(x).argmax(1) == y
