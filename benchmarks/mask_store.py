@@ -48,7 +48,7 @@ def prov():
 
 
 def metrics(r, rng):
-    return {"success": rng.random(r) < 0.9, "l0": rng.integers(0, 3072, r), "l0_pixels": rng.integers(0, 1024, r),
+    return {"success": rng.random(r) < 0.9, "clean_correct": rng.random(r) < 0.95, "l0": rng.integers(0, 3072, r), "l0_pixels": rng.integers(0, 1024, r),
             "l2": rng.random(r), "linf": rng.random(r), "loss": rng.random(r)}
 
 

@@ -1,4 +1,4 @@
-"""Tests of the advpipe-masks/1 store: writing, resuming, locking, reading (local, plain zarr, HTTP), verifying."""
+"""Tests of the advpipe-masks/2 store: writing, resuming, locking, reading (local, plain zarr, HTTP), verifying."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.codecs import pack_masks
+from advpipe.pipeline.codecs import METRICS, pack_masks
 from advpipe.pipeline.store import (
     MaskStoreWriter,
     check_compatible,
@@ -56,6 +56,7 @@ def make_data(seed: int = 0) -> dict[str, np.ndarray]:
         "labels": rng.integers(0, 10, N),
         "sample_hash": sample_hash(images),
         "success": success,
+        "clean_correct": rng.random(N) < 0.9,
         "l0": masks.reshape(N, -1).sum(1) * 3,
         "l0_pixels": masks.reshape(N, -1).sum(1),
         "l2": rng.random(N).astype(np.float32),
@@ -67,7 +68,7 @@ def make_data(seed: int = 0) -> dict[str, np.ndarray]:
 def write(writer: MaskStoreWriter, data: dict[str, np.ndarray], chunks: list[int] | None = None) -> None:
     for i in writer.pending_chunks() if chunks is None else chunks:
         a, b = writer.chunk_bounds(i)
-        metrics = {k: data[k][a:b] for k in ("success", "l0", "l0_pixels", "l2", "linf", "loss")}
+        metrics = {k: data[k][a:b] for k in METRICS}
         writer.write_chunk(i, data["masks"][a:b], data["labels"][a:b], data["sample_hash"][a:b], metrics)
 
 
@@ -109,9 +110,12 @@ def test_write_finalize_and_read_back(complete_store: Path, data: dict[str, np.n
     assert prov["attack"]["eps"] == "8/255" and prov["attack"]["alpha"] == [0.1, 100.0]
     assert prov["model"]["checkpoint_sha256"] == "ab" * 32 and prov["seed"] == 0
     assert set(prov["versions"]) >= {"advpipe", "torch", "zarr"} and prov["created"] and prov["completed"]
-    ok = data["success"]
+    # the summary covers the images classified correctly before the attack (Table III's population)
+    attacked = data["clean_correct"]
+    ok = data["success"] & attacked
     summary = prov["summary"]
-    assert summary["asr"] == pytest.approx(ok.mean())
+    assert summary["n"] == N and summary["n_clean_correct"] == attacked.sum() < N
+    assert summary["asr"] == pytest.approx(ok.sum() / attacked.sum())
     assert summary["l0_mean"] == pytest.approx(data["l0"][ok].mean())
     assert summary["l0_pixels_median"] == pytest.approx(np.median(data["l0_pixels"][ok]))
     assert summary["linf_mean"] == pytest.approx(data["linf"][ok].mean())
@@ -132,7 +136,7 @@ def test_plain_zarr_reads_store_without_advpipe(complete_store: Path, data: dict
         import sys, numpy as np, zarr
         g = zarr.open_group(sys.argv[1], mode="r")
         a = g.attrs["advpipe"]
-        assert a["format"] == "advpipe-masks/1" and a["status"] == "complete"
+        assert a["format"] == "advpipe-masks/2" and a["status"] == "complete"
         assert g["chunk_done"][:].all()
         np.savez(sys.argv[2], masks=g["masks"][:], l0=g["l0"][:], sample_hash=g["sample_hash"][:])
         assert not any(m.startswith("advpipe") for m in sys.modules)
@@ -366,7 +370,7 @@ def test_write_chunk_validates_inputs(tmp_path: Path, data: dict[str, np.ndarray
     with new(tmp_path / "s") as writer:
         a, b = writer.chunk_bounds(2)
         assert (a, b) == (200, 250)
-        metrics = {k: data[k][a:b] for k in ("success", "l0", "l0_pixels", "l2", "linf", "loss")}
+        metrics = {k: data[k][a:b] for k in METRICS}
         args = (data["masks"][a:b], data["labels"][a:b], data["sample_hash"][a:b])
         with pytest.raises(AdvpipeError, match="masks must be bool"):
             writer.write_chunk(2, args[0].astype(np.uint8), *args[1:], metrics)

@@ -34,7 +34,7 @@ def write_store(path, ds, *, chunk_size=64, finalize=True, masks=None):
             m = masks[a:b]
             px = m.reshape(len(m), -1).sum(1)
             w.write_chunk(i, m, ds.labels[a:b].numpy(), hashes[a:b],
-                          {"success": np.ones(b - a, bool), "l0": 3 * px, "l0_pixels": px,
+                          {"success": np.ones(b - a, bool), "clean_correct": np.ones(b - a, bool), "l0": 3 * px, "l0_pixels": px,
                            "l2": np.full(b - a, 0.5, np.float32), "linf": np.full(b - a, 8 / 255, np.float32),
                            "loss": np.zeros(b - a, np.float32)})
         if finalize:

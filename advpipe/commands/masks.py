@@ -33,8 +33,10 @@ def _fmt(key: str, value: float | None) -> str:
 
 def summary_lines(summary: dict[str, Any]) -> str:
     """One line saying how many images the summary covers and what the norms are averaged over."""
-    return (f"{summary['n_success']} of {summary['n']} images attacked successfully "
-            f"(ASR {_fmt('asr', summary['asr'])}); norms are over the successful images")
+    skipped = summary["n"] - summary["n_clean_correct"]
+    return (f"{summary['n_success']} of the {summary['n_clean_correct']} images the model classified correctly were "
+            f"attacked successfully (ASR {_fmt('asr', summary['asr'])}); norms are over those successes; "
+            f"{skipped} of {summary['n']} images were misclassified before the attack and are left out")
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

@@ -1,4 +1,4 @@
-"""Array layout, codecs and bit packing of the ``advpipe-masks/1`` store (see docs/mask-store.md).
+"""Array layout, codecs and bit packing of the ``advpipe-masks/2`` store (see docs/mask-store.md).
 
 Everything a reader and a writer must agree on byte for byte lives here: the array names, dtypes
 and fill values, the codec chain of each array, the per-sample hash and the bit order of packed
@@ -23,7 +23,7 @@ from zarr.errors import ZarrUserWarning
 
 from advpipe.errors import AdvpipeError
 
-FORMAT = "advpipe-masks/1"
+FORMAT = "advpipe-masks/2"
 ATTRS_KEY = "advpipe"
 ZSTD_LEVEL = 3
 SAMPLE_HASH_RULE = "blake2b(digest_size=8) of the image's uint8 HWC C-order bytes, read as little-endian uint64"
@@ -43,6 +43,7 @@ class ArraySpec:
 ARRAYS: dict[str, ArraySpec] = {
     "masks": ArraySpec(np.dtype(bool), False, per_pixel=True),
     "success": ArraySpec(np.dtype(bool), False),
+    "clean_correct": ArraySpec(np.dtype(bool), False),
     "l0": ArraySpec(np.dtype("int32"), -1),
     "l0_pixels": ArraySpec(np.dtype("int32"), -1),
     "l2": ArraySpec(np.dtype("float32"), float("nan")),
@@ -51,7 +52,7 @@ ARRAYS: dict[str, ArraySpec] = {
     "labels": ArraySpec(np.dtype("int64"), -1),
     "sample_hash": ArraySpec(np.dtype("uint64"), 0),
 }
-METRICS = ("success", "l0", "l0_pixels", "l2", "linf", "loss")
+METRICS = ("success", "clean_correct", "l0", "l0_pixels", "l2", "linf", "loss")
 DONE_ARRAY = "chunk_done"
 
 

@@ -37,6 +37,7 @@ from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
 from advpipe.data.datasets import DatasetSplit, load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import Checkpoint, load_checkpoint
+from advpipe.pipeline.codecs import METRICS
 from advpipe.pipeline.store import (
     DEFAULT_CHUNK_SIZE,
     MaskStoreWriter,
@@ -313,19 +314,19 @@ def run_chunk(job: ChunkJob, writer: MaskStoreWriter, index: int) -> ChunkOutcom
     images = ds.load_images(range(start, stop))
     true_labels = ds.labels[start:stop]
     generator = torch.Generator(device=device).manual_seed(chunk_seed(job.seed, index))
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", "success", "l0", "l0_pixels",
-                                                             "l2", "linf", "loss")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", *METRICS)}
     for b in range(0, stop - start, job.batch_size):
         x = images[b : b + job.batch_size].to(device).float().div_(255)
         y = true_labels[b : b + job.batch_size].to(device)
         res = sparse_attack(model, x, y, job.attack, generator=generator)
         used = res.targets if job.attack.targeted and res.targets is not None else y
-        for name, value in (("masks", res.mask), ("labels", used), ("success", res.success), ("l0", res.l0_elements),
-                            ("l0_pixels", res.l0_pixels), ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
+        for name, value in (("masks", res.mask), ("labels", used), ("success", res.success),
+                            ("clean_correct", res.clean_correct), ("l0", res.l0_elements), ("l0_pixels", res.l0_pixels),
+                            ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
             parts[name].append(value.detach().cpu())
     out = {name: torch.cat(values) for name, values in parts.items()}
     hashes = sample_hash(images.numpy(), layout="NCHW")
-    metrics = {name: out[name] for name in ("success", "l0", "l0_pixels", "l2", "linf", "loss")}
+    metrics = {name: out[name] for name in METRICS}
     writer.write_chunk(index, out["masks"], out["labels"], hashes, metrics)
     return ChunkOutcome(index, stop - start, int(out["success"].sum()), time.perf_counter() - started)
 

@@ -250,17 +250,23 @@ def parse_attrs(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def summarize(success: np.ndarray, stats: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Return ASR over all N images and mean/median of l0, l0_pixels, l2, linf over successful images.
+def summarize(metrics: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Return the ASR and mean/median l0, l0_pixels, l2, linf over the images classified correctly before the attack.
 
-    One code path with the evaluation's norm statistics (:func:`advpipe.eval.robustness.summarize_norms`),
-    flattened into the store's attribute keys. Means and medians are ``None`` when no image was
-    attacked successfully.
+    ``metrics`` holds the per-image arrays (``success``, ``clean_correct`` and the norms). Images the
+    model already misclassifies are counted in ``n`` only: they "succeed" with an empty mask and
+    would inflate the ASR and deflate the norms (Table III attacks correctly classified images, as
+    ``advpipe evaluate`` counts robustness). One code path with the evaluation's statistics
+    (:func:`advpipe.eval.robustness.summarize_norms`), flattened into the store's attribute keys.
+    Means and medians are ``None`` when no image was attacked successfully.
     """
     from advpipe.eval.robustness import summarize_norms
 
-    shared = summarize_norms({name: stats[name] for name in SUMMARY_STATS}, success)
-    summary: dict[str, Any] = {"n": shared["n"], "n_success": shared["successes"], "asr": shared["asr"]}
+    attacked = np.asarray(metrics["clean_correct"], dtype=bool)
+    success = np.asarray(metrics["success"], dtype=bool)
+    shared = summarize_norms({name: np.asarray(metrics[name])[attacked] for name in SUMMARY_STATS}, success[attacked])
+    summary: dict[str, Any] = {"n": int(len(success)), "n_clean_correct": shared["n"],
+                               "n_success": shared["successes"], "asr": shared["asr"]}
     for name in SUMMARY_STATS:
         summary[f"{name}_mean"] = shared[name]["mean"]
         summary[f"{name}_median"] = shared[name]["median"]

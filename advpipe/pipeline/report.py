@@ -26,8 +26,9 @@ TABLE_III = (
 def store_summary(store: MaskStore, *, recompute: bool = False) -> tuple[dict[str, Any] | None, int]:
     """Return (summary, chunks counted): a complete store's stored summary, else one over its done chunks.
 
-    The summary has the keys of the store's ``summary`` attribute (n, n_success, asr, and
-    ``<norm>_mean``/``<norm>_median`` over successful images); it is None if no chunk is done.
+    The summary has the keys of the store's ``summary`` attribute (n, n_clean_correct, n_success,
+    asr, and ``<norm>_mean``/``<norm>_median`` over successful images, all over the images classified
+    correctly before the attack); it is None if no chunk is done.
     ``recompute`` computes it from the per-image arrays even for a complete store, through the
     same function the store and the evaluation use (:func:`advpipe.eval.robustness.summarize_norms`).
     """
@@ -38,7 +39,7 @@ def store_summary(store: MaskStore, *, recompute: bool = False) -> tuple[dict[st
         return None, 0
     rows = np.repeat(done, store.chunk_size)[: store.n]
     metrics = {name: values[rows] for name, values in store.metrics().items()}
-    return summarize(metrics["success"], metrics), int(done.sum())
+    return summarize(metrics), int(done.sum())
 
 
 def table_iii_rows(summary: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:

@@ -1,6 +1,6 @@
 """Mask store: the per-image AdvMask attack masks of a dataset in a chunked Zarr v3 group.
 
-The format (``advpipe-masks/1``) is written down in docs/mask-store.md so other teams can read a
+The format (``advpipe-masks/2``) is written down in docs/mask-store.md so other teams can read a
 store with plain zarr. One chunk index along N is one write unit: every per-sample array is chunked
 identically, and ``chunk_done[i]`` (its own storage object) is set only after all arrays of chunk
 ``i`` are written, so a killed run loses at most the chunks in flight and different processes may
@@ -292,7 +292,8 @@ class MaskStoreWriter(_Chunked):
         """Write every array of chunk ``i``, then mark it done; refuses chunks already done.
 
         ``masks`` is (rows,H,W) bool; ``labels``, ``sample_hash`` (uint64, see :func:`sample_hash`)
-        and the ``metrics`` success (bool), l0 (nonzero elements of the C*H*W perturbation), l0_pixels
+        and the ``metrics`` success (bool: misclassified, or the target reached, after the attack),
+        clean_correct (bool: classified correctly before it), l0 (nonzero elements of the C*H*W perturbation), l0_pixels
         (pixels with any nonzero channel), l2, linf, loss are (rows,), with rows = stop - start of
         :meth:`chunk_bounds`. Numpy arrays or torch tensors on any device.
         """
@@ -345,8 +346,7 @@ class MaskStoreWriter(_Chunked):
         pending = self.pending_chunks()
         if pending:
             raise AdvpipeError(f"cannot finalize {self.path}: {len(pending)} of {self.n_chunks} chunks pending (first {pending[:5]})")
-        success = self._arrays["success"][:]
-        summary = summarize(success, {name: self._arrays[name][:] for name in SUMMARY_STATS})
+        summary = summarize({name: self._arrays[name][:] for name in (*SUMMARY_STATS, "success", "clean_correct")})
         self._set_attrs({**self._attrs, "status": "complete", "completed": now(), "summary": summary})
         self.close()
         return summary
@@ -482,7 +482,7 @@ class MaskStore(_Chunked):
         return out
 
     def metrics(self) -> dict[str, np.ndarray]:
-        """Return the per-image metric arrays: success, l0, l0_pixels, l2, linf, loss."""
+        """Return the per-image metric arrays: success, clean_correct, l0, l0_pixels, l2, linf, loss."""
         return {name: self._read(name) for name in METRICS}
 
     def labels(self) -> np.ndarray:
@@ -581,7 +581,7 @@ def verify_store(
     summary = store.provenance.get("summary")
     if store.complete and not pending and readable:
         stats = store.metrics()
-        expected = summarize(stats["success"], stats)
+        expected = summarize(stats)
         if not isinstance(summary, dict) or any(
             not _same(summary.get(key), value) for key, value in expected.items()
         ):

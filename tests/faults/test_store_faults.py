@@ -114,7 +114,7 @@ def _write_fake_store(path: Path, n: int, chunk_size: int) -> None:
             a, b = writer.chunk_bounds(i)
             px = masks[a:b].reshape(b - a, -1).sum(1)
             writer.write_chunk(i, masks[a:b], ds.labels[a:b].numpy(), hashes[a:b],
-                               {"success": np.ones(b - a, bool), "l0": 3 * px, "l0_pixels": px,
+                               {"success": np.ones(b - a, bool), "clean_correct": np.ones(b - a, bool), "l0": 3 * px, "l0_pixels": px,
                                 "l2": np.full(b - a, 0.5, np.float32), "linf": np.full(b - a, 8 / 255, np.float32),
                                 "loss": np.zeros(b - a, np.float32)})
         writer.finalize()
