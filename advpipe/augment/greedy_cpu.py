@@ -14,15 +14,14 @@ torch scan is used.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the torch scan is the fallback
-    numba = None
-
-AVAILABLE = numba is not None
+#: numba is a dependency; without it the torch scan is used. Imported on first use only, so the
+#: CLI starts without paying for it.
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
 
 def _greedy(masks: np.ndarray, u: np.ndarray, side: np.ndarray, o: np.ndarray, target: np.ndarray,
@@ -103,6 +102,8 @@ _compiled: dict = {}
 def _kernel(func):
     """``func`` compiled, built on first use (and cached on disk by numba)."""
     if func not in _compiled:
+        import numba
+
         _compiled[func] = numba.njit(cache=True, nogil=True)(func)
     return _compiled[func]
 
