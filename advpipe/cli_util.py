@@ -60,7 +60,7 @@ class RichReporter:
 class _LogTask:
     def __init__(self, reporter: "LogReporter", description: str, total: float | None, unit: str) -> None:
         self.reporter, self.description, self.total, self.unit = reporter, description, total, unit
-        self.done, self.info = 0.0, ""
+        self.done, self.info, self.nested = 0.0, "", False
         self.start = self.last = time.monotonic()
 
     def advance(self, n: float = 1, **fields: Any) -> None:
@@ -98,14 +98,19 @@ class LogReporter:
     def __init__(self, interval: float = 30.0) -> None:
         """Print at most one line per task every ``interval`` seconds."""
         self.interval = interval
+        self.depth = 0  # tasks open now; a nested task (an attack batch inside precompute) is quiet
 
     def open(self, description: str, total: float | None, unit: str) -> _LogTask:
         """Start a task (silently: short tasks print only their final line)."""
-        return _LogTask(self, description, total, unit)
+        task = _LogTask(self, description, total, unit)
+        task.nested = self.depth > 0
+        self.depth += 1
+        return task
 
     def close(self, task: _LogTask) -> None:
-        """Print the task's final line (unless it never advanced, e.g. bad input stopped it at once)."""
-        if task.done:
+        """Print the task's final line: for top-level tasks that advanced, and nested ones that ran long."""
+        self.depth -= 1
+        if task.done and (not task.nested or task.last > task.start):
             self.emit(task)
 
     def emit(self, task: _LogTask) -> None:

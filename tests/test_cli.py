@@ -118,9 +118,17 @@ def test_progress_without_a_terminal_prints_periodic_plain_lines(capsys):
             pass
         with progress.task("idle", total=10):
             pass  # never advanced: prints nothing
+        slow = LogReporter(interval=3600.0)
+        progress.use_reporter(slow)
+        with progress.task("precompute", total=2) as outer:
+            for _ in progress.track(range(3), "attack batch"):
+                pass  # nested and short: no line of its own
+            outer.advance(2)
     finally:
         progress.use_reporter(previous)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines[0].startswith("attack: 1/4") and "25%" in lines[0] and "img/s" in lines[0] and "eta" in lines[0]
-    assert lines[-1].startswith("attack: 4/4") and "100%" in lines[-1]
-    assert not any(ln.startswith("idle") for ln in lines)
+    attack = [ln for ln in lines if ln.startswith("attack:")]
+    assert attack[-1].startswith("attack: 4/4") and "100%" in attack[-1]
+    assert not any(ln.startswith(("idle", "attack batch")) for ln in lines)
+    assert lines[-1].startswith("precompute: 2/2")
