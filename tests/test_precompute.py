@@ -25,6 +25,7 @@ import zarr
 from typer.testing import CliRunner
 
 from helpers.checkpoints import fit_checkpoint
+from helpers.stores import assert_same_store, store_arrays
 from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
 from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
@@ -43,8 +44,6 @@ runner = CliRunner()
 N, CHUNK = 32, 8
 ATTACK = ["--data", "embedded", "--limit", str(N), "--chunk-size", str(CHUNK), "--batch-size", "8", "--steps", "2",
           "--attack-opt", "init_steps=1"]
-ARRAYS = ("masks", "success", "clean_correct", "l0", "l0_pixels", "l2", "linf", "loss", "labels", "sample_hash",
-          "chunk_done")
 EPS_FORMS = "8/255, 0.03137 or 8/255.0"
 
 
@@ -73,27 +72,13 @@ def env(tmp_path_factory: pytest.TempPathFactory):
             torch.set_num_threads(threads)
 
 
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][:] for name in ARRAYS}
-
-
-def _assert_same_store(a: Path, b: Path) -> None:
-    left, right = _arrays(a), _arrays(b)
-    for name in ARRAYS:
-        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
-    pa, pb = open_store(a).provenance, open_store(b).provenance
-    for key in ("dataset", "model", "attack", "seed", "chunk_size", "summary"):
-        assert pa[key] == pb[key], key
-
-
 def test_reference_store_round_trips_through_plain_zarr(env) -> None:
     store = env["ref"]
     assert store.name.startswith(f"embedded-train-resnet20-eps8_255-n{N}-steps2")
     ds = load_dataset("embedded", "train", limit=N)
     group = zarr.open_group(str(store), mode="r")
     meta = group.attrs["advpipe"]
-    arrays = _arrays(store)
+    arrays = store_arrays(store)
     assert meta["status"] == "complete" and arrays["chunk_done"].all() and arrays["chunk_done"].shape == (N // CHUNK,)
     assert meta["dataset"] == {"name": "embedded", "split": "train", "fingerprint": ds.fingerprint, "n": N,
                                "image_shape": [3, 32, 32]}
@@ -140,7 +125,7 @@ def test_dask_worker_gives_identical_store(env, monkeypatch: pytest.MonkeyPatch)
     out = env["root"] / "dask.zarr"
     result = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "1", "--out", str(out))
     assert result.exit_code == 0, result.output
-    _assert_same_store(env["ref"], out)
+    assert_same_store(env["ref"], out)
 
 
 def test_killed_run_resumes_to_identical_store(env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,7 +155,7 @@ def test_killed_run_resumes_to_identical_store(env, monkeypatch: pytest.MonkeyPa
     resumed = cli(*args)  # the dead writer's lock is stale and is taken over
     assert resumed.exit_code == 0, resumed.output
     assert "were already done" in resumed.output
-    _assert_same_store(env["ref"], out)
+    assert_same_store(env["ref"], out)
     assert len(open_store(out).provenance["resumed"]) == 1
 
 
@@ -180,7 +165,7 @@ def test_complete_store_rerun_refusal_and_overwrite(env, monkeypatch: pytest.Mon
     small = ["precompute-masks", "--model", "resnet20", "--data", "embedded", "--limit", "8", "--steps", "1",
              "--attack-opt", "init_steps=1", "--workers", "0", "--out", str(out)]
     assert cli(*small).exit_code == 0
-    before = _arrays(out)
+    before = store_arrays(out)
     again = cli(*small)
     assert again.exit_code == 0 and "already complete" in again.output
     refused = cli(*small, "--eps", "16/255")
@@ -188,7 +173,7 @@ def test_complete_store_rerun_refusal_and_overwrite(env, monkeypatch: pytest.Mon
     replaced = cli(*small, "--eps", "16/255", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert open_store(out).provenance["attack"]["eps"] == "16/255"
-    assert not np.array_equal(_arrays(out)["l2"], before["l2"])
+    assert not np.array_equal(store_arrays(out)["l2"], before["l2"])
 
 
 def test_concurrent_writer_refused(env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,10 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import torch
-import zarr
 from typer.testing import CliRunner
 
 from helpers.checkpoints import fit_checkpoint
+from helpers.stores import PER_SAMPLE, assert_same_store, store_arrays  # noqa: F401 (re-exported)
 from advpipe.cli import app
 from advpipe.pipeline.store import open_store
 
@@ -35,8 +35,6 @@ N_CHUNKS = N // CHUNK
 #: the attack settings of every store these tests make: tiny, so startup dominates
 ATTACK = ["--data", "embedded", "--limit", str(N), "--chunk-size", str(CHUNK), "--batch-size", "8", "--steps", "2",
           "--attack-opt", "init_steps=1"]
-ARRAYS = ("masks", "success", "l0", "l0_pixels", "l2", "linf", "loss", "labels", "sample_hash", "chunk_done")
-PER_SAMPLE = tuple(name for name in ARRAYS if name != "chunk_done")
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # Plain zarr warns that numcodecs.packbits and consolidated metadata are outside the v3 spec:
@@ -136,23 +134,6 @@ def wait_for_chunks(proc: AdvpipeProcess, store: Path, k: int, timeout: float = 
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {k} chunks were done"
         assert time.monotonic() < deadline, f"fewer than {k} chunks done within {timeout} s"
         time.sleep(0.01)
-
-
-def store_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of a store with plain zarr."""
-    group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][:] for name in ARRAYS}
-
-
-def assert_same_store(path: Path, ref: Path) -> None:
-    """Every array and the configuration and summary of ``path`` equal the reference's."""
-    got, want = store_arrays(path), store_arrays(ref)
-    for name in ARRAYS:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    a, b = open_store(path).provenance, open_store(ref).provenance
-    assert a["status"] == b["status"] == "complete"
-    for key in ("dataset", "model", "attack", "seed", "chunk_size", "summary"):
-        assert a[key] == b[key], key
 
 
 def assert_done_chunks_match(path: Path, ref: Path) -> np.ndarray:
