@@ -11,7 +11,10 @@ attack points in random order, gives each its own side ``l ~ U{l_min..l_max}`` a
 square when (a) its overlap with every accepted square is at most ``o`` times the smaller of the two
 (clipped) areas and (b) the union stays within ``p_max``; it stops once the union reaches ``p``.
 
-Implementation (why it is fast): a rejected candidate can never become acceptable later, because
+Implementation: all random numbers are drawn in torch first (the visiting order is a partial
+Fisher-Yates shuffle); the deterministic greedy scan then runs either compiled per image with numba
+(:mod:`advpipe.augment.greedy_cpu`, the CPU default) or as batched torch rounds (CUDA), with
+identical results. The torch rounds: a rejected candidate can never become acceptable later, because
 both the overlap test and the union ``|cover ∪ square|`` only grow as squares are accepted. So the
 sequential scan equals "repeatedly accept the first still-acceptable candidate in visiting order",
 and the batched loop runs once per *accepted* square (about 7 per image on CIFAR, about 20 for the
@@ -257,7 +260,7 @@ def _greedy_squares(points: torch.Tensor, h: int, w: int, l_min: int, l_max: int
     minus the sum of its overlaps with accepted squares) plus ``big`` once it is accepted or rejected
     for good; ``slack`` (B,) is the pixel budget left, or -1 once the image reached its target.
     Coverage is a bitmap with 16 columns per int32 word. Each round takes every image's candidate
-    with ``need <= slack`` and the smallest visiting key, counts its exact new pixels on the bitmap
+    with ``need <= slack`` and the lowest slot (slots are in visiting order), counts its exact new pixels on the bitmap
     (a 16-bit popcount table), accepts it if they fit, and updates ``need`` of all candidates against
     the accepted box. Images with nothing left to try leave the working set once at most half of it
     is live, so late rounds are cheap.

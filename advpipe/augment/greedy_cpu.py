@@ -4,7 +4,7 @@ The batched torch scan in :mod:`advpipe.augment.advmask` runs one round of about
 per accepted square; on a CPU each op costs microseconds whatever its size, which caps it near
 20,000 masks/s on two cores. The scan itself is tiny per image (at most K candidates, each tested
 against the few squares already accepted and counted on a HxW coverage map), so compiled, it takes
-about a microsecond per image. All randomness is drawn in torch before the scan and the scan is
+a few microseconds per image (about 7 µs per CIFAR mask all told, benchmarks/README.md). All randomness is drawn in torch before the scan and the scan is
 deterministic, so both backends return identical squares for the same generator state (the tests
 check this).
 

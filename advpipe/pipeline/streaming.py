@@ -103,7 +103,6 @@ class ChunkCache:
         # a batch may straddle two windows; ahead of them, the read-ahead
         self.max_chunks = max_chunks or (2 * window + self.ahead)
         self.shuffle_blocks = (store.chunk_size, window)
-        self.reads = 0  # chunks read from the store (cache misses and read-ahead)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._loading: set[int] = set()
         self._cond = threading.Condition()
@@ -128,7 +127,6 @@ class ChunkCache:
                 self._loading.discard(i)
                 self._cond.notify_all()
         with self._cond:
-            self.reads += 1
             self._cache[i] = data
             while len(self._cache) > self.max_chunks:
                 del self._cache[self._victim()]
