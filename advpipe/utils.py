@@ -26,6 +26,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls and convolutions natively (CUDA >= Ampere; CPUs with AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
 def parse_fraction(text: str, *, name: str = "value", low: float = 0.0, high: float = 1.0) -> Fraction:
     """Parse ``8/255``, ``0.03137`` or ``8/255.0`` into a Fraction in (low, high] without eval."""
     forms = "accepted forms: 8/255, 0.03137 or 8/255.0"

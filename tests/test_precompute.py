@@ -8,6 +8,7 @@ attack's results, depend on the thread count.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ from advpipe.data.datasets import load_dataset
 from advpipe.models.build import model_from_checkpoint
 from advpipe.models.checkpoint import load_checkpoint
 from advpipe.pipeline.lock import StoreLock
-from advpipe.pipeline.precompute import chunk_seed, plan_local_workers
+from advpipe.pipeline import precompute as precompute_module
+from advpipe.pipeline.precompute import PrecomputeConfig, chunk_seed, plan_local_workers, resolve_precision
 from advpipe.pipeline.store import open_store, sample_hash
 from advpipe.utils import sha256_file
 
@@ -109,11 +111,12 @@ def test_chunk_randomness_is_keyed_by_chunk_index(env) -> None:
     """Chunk 2 equals the attack run on its samples alone with the generator seeded from (seed, 2)."""
     ds = load_dataset("embedded", "train", limit=N)
     model = model_from_checkpoint(load_checkpoint(env["ckpt"])).eval().requires_grad_(False)
-    cfg = SparseAttackConfig(steps=2, init_steps=1).resolve((3, 32, 32))
+    stored = open_store(env["ref"])
+    precision = stored.provenance["attack"]["autocast_dtype"]  # --precision auto: depends on the CPU
+    cfg = SparseAttackConfig(steps=2, init_steps=1, autocast_dtype=precision).resolve((3, 32, 32))
     x = ds.images[2 * CHUNK : 3 * CHUNK].float() / 255
     res = sparse_attack(model, x, ds.labels[2 * CHUNK : 3 * CHUNK], cfg,
                         generator=torch.Generator().manual_seed(chunk_seed(0, 2)))
-    stored = open_store(env["ref"])
     np.testing.assert_array_equal(stored.read_masks(2 * CHUNK, 3 * CHUNK), res.mask.numpy())
     np.testing.assert_array_equal(stored.metrics()["loss"][2 * CHUNK : 3 * CHUNK], res.loss.numpy())
     assert len({chunk_seed(0, i) for i in range(1000)} | {chunk_seed(1, i) for i in range(1000)}) == 2000
@@ -212,6 +215,37 @@ def test_bad_eps_is_one_line_error_with_accepted_forms(eps: str, tmp_path: Path,
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and EPS_FORMS in lines[0], result.output
+
+
+def test_precision_flag_auto_and_resume(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto: bf16 where native, fp32 elsewhere; an existing store keeps its own precision."""
+    ref = env["ref"]
+    new = env["root"] / "not-there.zarr"
+    cfg = PrecomputeConfig(precision="auto")
+    monkeypatch.setattr(precompute_module, "fast_bf16", lambda device: True)
+    assert resolve_precision(cfg, new) == "bf16"
+    assert resolve_precision(dataclasses.replace(cfg, scheduler="tcp://127.0.0.1:1"), new) is None  # workers unknown
+    monkeypatch.setattr(precompute_module, "fast_bf16", lambda device: False)
+    assert resolve_precision(cfg, new) is None
+    assert resolve_precision(PrecomputeConfig(precision="bf16"), new) == "bf16"
+    assert resolve_precision(PrecomputeConfig(precision="fp32"), ref) is None
+    stored = open_store(ref).provenance["attack"]["autocast_dtype"]
+    for native in (True, False):
+        monkeypatch.setattr(precompute_module, "fast_bf16", lambda device, native=native: native)
+        assert resolve_precision(cfg, ref) == stored  # a resume continues as the store started
+    assert resolve_precision(dataclasses.replace(cfg, overwrite=True), ref) is None  # a new store: this machine
+
+    monkeypatch.chdir(env["root"])
+    other = "fp32" if stored == "bf16" else "bf16"
+    rerun = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "0")  # auto, same store
+    assert rerun.exit_code == 0 and "already complete" in rerun.output, rerun.output
+    changed = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "0", "--precision", other)
+    assert changed.exit_code == 2 and "attack.autocast_dtype" in changed.output, changed.output
+    bad = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--precision", "fp64")
+    assert bad.exit_code == 2 and bad.output.strip() == "error: --precision must be one of auto, fp32, bf16, fp16, " \
+        "got 'fp64'", bad.output
+    via_opt = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--attack-opt", "autocast_dtype=bf16")
+    assert via_opt.exit_code == 2 and "use --precision instead" in via_opt.output, via_opt.output
 
 
 def test_missing_model_names_the_train_command(tmp_path: Path, monkeypatch) -> None:

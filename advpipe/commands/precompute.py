@@ -27,6 +27,9 @@ def precompute_masks(
     targeted: Optional[str] = typer.Option(None, "--targeted", help="random or least-likely target (default untargeted)."),
     attack_opt: Optional[list[str]] = typer.Option(None, "--attack-opt", help="KEY=VALUE of any other sparse-attack "
                                                    "setting, e.g. lambda_rule=adaptive (repeatable)."),
+    precision: str = typer.Option("auto", "--precision", help="Classifier precision in the attack: auto (bf16 where "
+                                  "the device computes it natively, else fp32), fp32, bf16 or fp16. Success is "
+                                  "always checked in fp32."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per attack batch (default 100; the "
                                              "encoder is shared per batch)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Samples per store chunk = per task (default 500)."),
@@ -52,7 +55,8 @@ def precompute_masks(
     cfg = PrecomputeConfig(
         data=data, model=model, checkpoint=str(checkpoint) if checkpoint is not None else None, split=split,
         data_dir=data_dir, limit=limit, eps=eps_value, steps=steps, encoder=encoder, targeted=targeted,
-        attack_options=parse_key_values(attack_opt or [], "--attack-opt"), workers=workers, scheduler=scheduler,
+        attack_options=parse_key_values(attack_opt or [], "--attack-opt"), precision=precision,
+        workers=workers, scheduler=scheduler,
         device=device, seed=seed, out=out_path, overwrite=overwrite, **sizes,
     )
     result = run(cfg)

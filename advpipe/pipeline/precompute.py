@@ -46,7 +46,7 @@ from advpipe.pipeline.store import (
     sample_hash,
 )
 from advpipe.progress import task
-from advpipe.utils import resolve_device, sha256_file
+from advpipe.utils import fast_bf16, resolve_device, sha256_file
 
 __all__ = [
     "ATTACK_FLAGS",
@@ -61,6 +61,7 @@ __all__ = [
     "default_store_path",
     "plan_local_workers",
     "precompute_masks",
+    "resolve_precision",
     "run_chunk",
 ]
 
@@ -70,7 +71,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 100
 #: SparseAttackConfig fields that have their own command-line flag (never set via attack_options)
 ATTACK_FLAGS = {"eps": "--eps", "steps": "--steps", "encoder": "--encoder", "targeted": "--targeted",
-                "target": "--targeted"}
+                "target": "--targeted", "autocast_dtype": "--precision"}
+#: --precision values; the attack's autocast dtype for each (auto is resolved per run, see resolve_precision)
+PRECISIONS = {"auto": None, "fp32": None, "bf16": "bf16", "fp16": "fp16"}
 _FRACTION_FIELDS = ("beta", "init_step_size")
 TARGET_MODES = ("random", "least-likely")
 
@@ -82,7 +85,8 @@ class PrecomputeConfig:
     ``model`` names the architecture whose default checkpoint ``runs/<data>/<model>/none/best.pt``
     is attacked unless ``checkpoint`` is given. ``steps``/``encoder`` of None keep the attack's
     defaults; ``targeted`` is None (untargeted), ``"random"`` or ``"least-likely"``;
-    ``attack_options`` sets any other :class:`SparseAttackConfig` field. ``workers`` = 0 runs in
+    ``attack_options`` sets any other :class:`SparseAttackConfig` field. ``precision`` is the
+    classifier's autocast in the attack (see :func:`resolve_precision` for ``auto``). ``workers`` = 0 runs in
     this process, None = one worker per visible GPU (one on CPU); ``scheduler`` is the address of
     an existing dask scheduler instead of a local cluster.
     """
@@ -98,6 +102,7 @@ class PrecomputeConfig:
     encoder: str | None = None
     targeted: str | None = None
     attack_options: Mapping[str, Any] = field(default_factory=dict)
+    precision: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE
     workers: int | None = None
@@ -199,7 +204,30 @@ def attack_config(cfg: PrecomputeConfig) -> SparseAttackConfig:
         if cfg.targeted not in TARGET_MODES:
             raise AdvpipeError(f"--targeted must be one of {', '.join(TARGET_MODES)}, got {cfg.targeted!r}")
         values.update(targeted=True, target=cfg.targeted)
+    values["autocast_dtype"] = PRECISIONS[cfg.precision]
     return SparseAttackConfig(**values)
+
+
+def resolve_precision(cfg: PrecomputeConfig, path: Path) -> str | None:
+    """The attack's autocast dtype for this run: ``--precision`` itself, or what ``auto`` means here.
+
+    ``auto`` keeps the precision of an existing store at ``path`` (so a resume on another machine
+    continues as it started, unless ``--overwrite``); for a new store it is bf16 where the device
+    computes bf16 natively (:func:`advpipe.utils.fast_bf16`) and fp32 elsewhere, including with
+    ``--scheduler`` (the workers' hardware is not known here). Success is always checked in fp32.
+    """
+    if cfg.precision != "auto":
+        return PRECISIONS[cfg.precision]
+    if not cfg.overwrite and (path / "zarr.json").is_file():
+        try:
+            attack = open_store(path).provenance.get("attack", {})
+        except AdvpipeError:
+            attack = {}
+        if "autocast_dtype" in attack and attack["autocast_dtype"] in PRECISIONS.values():
+            return attack["autocast_dtype"]
+    if cfg.scheduler is not None:
+        return None
+    return "bf16" if fast_bf16(resolve_device(cfg.device)) else None
 
 
 def _check_config(cfg: PrecomputeConfig) -> None:
@@ -218,6 +246,8 @@ def _check_config(cfg: PrecomputeConfig) -> None:
         raise AdvpipeError("--workers and --scheduler exclude each other (the scheduler's cluster has its own workers)")
     if cfg.seed < 0:
         raise AdvpipeError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.precision not in PRECISIONS:
+        raise AdvpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
 
 
 def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackConfig) -> Path:
@@ -239,7 +269,9 @@ def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackCon
         import hashlib
         import json
 
-        tag = hashlib.sha256(json.dumps(attack.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        # The precision is left out: --precision auto may resolve differently on another machine.
+        options = {k: v for k, v in attack.to_dict().items() if k != "autocast_dtype"}
+        tag = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
         parts.append(f"opts{tag}")
     return Path("masks") / ("-".join(p.replace("/", "_") for p in parts) + ".zarr")
 
@@ -573,10 +605,11 @@ def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
     for message in warnings:
         log.warning(message)
     attack = attack.resolve(tuple(ds.image_shape))  # record concrete values, not "auto"
-    sha = sha256_file(ckpt_path)
-    provenance = _provenance(cfg, ckpt, sha, _clean_accuracy(ckpt, cfg, ckpt_path), ds, attack)
     path = Path(cfg.out) if cfg.out else default_store_path(cfg, ckpt.arch, attack)
     path = path.absolute()
+    attack = dataclasses.replace(attack, autocast_dtype=resolve_precision(cfg, path))
+    sha = sha256_file(ckpt_path)
+    provenance = _provenance(cfg, ckpt, sha, _clean_accuracy(ckpt, cfg, ckpt_path), ds, attack)
     started = time.perf_counter()
 
     if not cfg.overwrite and (done := _complete_with_same_config(path, provenance, ds, cfg.chunk_size)) is not None:

@@ -195,9 +195,11 @@ def create_store(
         raw = _read_local_attrs(path) if exists else None
         if raw is not None and not overwrite:
             old = parse_attrs(raw)
-            if old["status"] == "complete":
-                raise AdvpipeError(f"mask store {path} is complete and immutable; pass overwrite=True to recompute it")
             diff = config_diff(config_of(old), config_of(attrs))
+            if old["status"] == "complete":
+                made = f" (it was made for another configuration: {'; '.join(diff)})" if diff else ""
+                raise AdvpipeError(f"mask store {path} is complete and immutable{made}; "
+                                   "pass overwrite=True to recompute it")
             if diff:
                 raise AdvpipeError(
                     f"mask store {path} was made for another configuration ({'; '.join(diff)}); "
