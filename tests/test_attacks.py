@@ -322,3 +322,28 @@ def test_pgd_without_random_start_equals_torchattacks(task: SimpleNamespace) -> 
     ours = pgd(task.model, x, y, eps=EPS, steps=5, step_size=EPS / 3, random_start=False)
     theirs = torchattacks.PGD(task.model, eps=EPS, alpha=EPS / 3, steps=5, random_start=False)(x, y)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_pgd_early_stop_keeps_each_image_at_its_first_adversarial_iterate(task: SimpleNamespace,
+                                                                         targeted: bool) -> None:
+    """early_stop: image i ends at iterate k_i, the first one classified adversarially (else the last)."""
+    x, y = task.x[:200], task.y[:200]
+    label = (y + 1) % K if targeted else y
+    steps, kw = 6, dict(eps=EPS, step_size=EPS / 4, targeted=targeted)
+
+    def run(n: int, **extra: object) -> torch.Tensor:
+        return pgd(task.model, x, label, steps=n, generator=torch.Generator().manual_seed(3), **kw, **extra)
+
+    start = pgd(task.model, x, label, steps=1, generator=torch.Generator().manual_seed(3),
+                eps=EPS, step_size=0.0, targeted=targeted)
+    iterates = [start] + [run(n) for n in range(1, steps + 1)]  # iterate k = k full steps
+    with torch.no_grad():
+        adv = torch.stack([(task.model(it).argmax(1) == label) if targeted else (task.model(it).argmax(1) != label)
+                           for it in iterates[:-1]])  # success checked before each of the `steps` updates
+    first = torch.where(adv.any(0), adv.float().argmax(0), torch.full_like(y, steps))
+    expected = torch.stack([iterates[int(k)][i] for i, k in enumerate(first)])
+    got = run(steps, early_stop=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert 0 < int((first < steps).sum()) < len(y)  # both kinds of image occur
+    assert (first[first < steps] > 0).any()  # and some stop after a few steps, not at the start

@@ -268,6 +268,15 @@ def test_targeted_variant_reaches_its_targets(task: SimpleNamespace, target: str
     assert torch.equal(res.success, pred == res.targets)
 
 
+def test_early_stopped_init_gives_a_less_confident_l_init(task: SimpleNamespace) -> None:
+    """init_attack="pgd-early": L_init is the CE where the dense attack first succeeds, not after all its steps."""
+    full = _attack(task, steps=3, targeted=True)
+    early = _attack(task, steps=3, targeted=True, init_attack="pgd-early")
+    assert torch.equal(full.targets, early.targets) and full.init_success.all() and early.init_success.all()
+    # Targeted CE falls while PGD goes on, so stopping at success leaves a larger L_init on most images.
+    assert (early.l_init > full.l_init).float().mean() > 0.8 and early.l_init.mean() > 2 * full.l_init.mean()
+
+
 def test_explicit_targets_are_used_and_require_targeted(task: SimpleNamespace) -> None:
     targets = (task.y + 1) % K
     res = sparse_attack(task.model, task.x[:4], task.y[:4], SparseAttackConfig(eps=EPS, steps=3, targeted=True),

@@ -74,6 +74,7 @@ def pgd(
     targeted: bool = False,
     loss: str = "ce",
     generator: torch.Generator | None = None,
+    early_stop: bool = False,
 ) -> torch.Tensor:
     """Projected Gradient Descent in l_inf (Madry et al., 2018), optionally from a random start.
 
@@ -81,6 +82,8 @@ def pgd(
     a-fan.txt Eq. 2), starting from ``x + U(-eps, eps)`` when ``random_start`` (Madry et al.) or
     from ``x`` otherwise (then it is I-FGSM / BIM, Kurakin et al., 2017; advprop.txt Tab. 7).
     AdvProp's "PGD5 (eps=4)" is ``pgd(..., eps=4/255, steps=5, step_size=1/255)``.
+    With ``early_stop``, each image stays at the first iterate the model classifies adversarially
+    (not ``y``; or ``y`` when ``targeted``), which costs no extra forward.
 
     Example::
 
@@ -94,8 +97,15 @@ def pgd(
     x = x.detach()
     lower, upper = _box(x, eps)
     x_adv = _start(x, eps, random_start, generator).clamp_(lower, upper)
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(steps):
-        grad = _input_grad(model, x_adv, y, loss_fn, targeted)
+        grad, logits = _input_grad_and_logits(model, x_adv, y, loss_fn, targeted)
+        if early_stop:
+            pred = logits.argmax(1)
+            active &= pred != y if targeted else pred == y
+            if not active.any():
+                break
+            grad = grad * active.view(-1, *([1] * (grad.dim() - 1)))  # sign(0) = 0: frozen images stay
         x_adv.add_(grad.sign(), alpha=step_size).clamp_(lower, upper)
     return x_adv
 
@@ -178,13 +188,21 @@ def _input_grad(
     model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: AttackLoss, targeted: bool
 ) -> torch.Tensor:
     """Gradient of the summed per-sample loss w.r.t. the input only (parameters untouched)."""
+    return _input_grad_and_logits(model, x_adv, y, loss_fn, targeted)[0]
+
+
+def _input_grad_and_logits(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: AttackLoss, targeted: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradient of :func:`_input_grad` and the (detached) logits of the same forward."""
     with torch.enable_grad():
         # A detached view shares x_adv's storage, so the in-place update after this call needs
         # no copy; the graph holding it is freed by autograd.grad before that update.
         leaf = x_adv.detach().requires_grad_(True)
-        loss = loss_fn(model(leaf), y, targeted=targeted).sum()
+        logits = model(leaf)
+        loss = loss_fn(logits, y, targeted=targeted).sum()
         (grad,) = torch.autograd.grad(loss, leaf)
-    return grad
+    return grad, logits.detach()
 
 
 def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

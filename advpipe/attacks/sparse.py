@@ -144,6 +144,13 @@ def _init_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "SparseAt
                random_start=True, targeted=cfg.targeted, generator=generator)
 
 
+def _init_pgd_early(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "SparseAttackConfig",
+                    generator: torch.Generator) -> torch.Tensor:
+    """PGD as ``_init_pgd``, but each image stops at its first successful iterate (L_init "at success")."""
+    return pgd(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
+               random_start=True, targeted=cfg.targeted, generator=generator, early_stop=True)
+
+
 def _init_mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "SparseAttackConfig",
                  generator: torch.Generator) -> torch.Tensor:
     """MI-FGSM (decay 1) on the sparse attack's eps, for L_init."""
@@ -154,6 +161,7 @@ def _init_mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "Spars
 #: dense attacks that provide L_init (advmask.txt Sec. III-A c: "such as PGD and MI-FGSM")
 INIT_ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("initial attack")
 INIT_ATTACKS.register("pgd", _init_pgd)
+INIT_ATTACKS.register("pgd-early", _init_pgd_early)
 INIT_ATTACKS.register("mifgsm", _init_mifgsm)
 
 
