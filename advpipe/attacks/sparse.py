@@ -10,8 +10,8 @@ annealed from ``alpha_min`` to ``alpha_max`` (Sec. IV-B), and the attacked image
     L          = max(L_classify, eta * L_classify) + lambda * ||m||_1 / N
     lambda     = C + gamma * mean(m > 0.5)                      (lambda_rule="paper")
 
-``L_init`` is the cross-entropy reached by a dense attack (PGD or MI-FGSM from
-:mod:`advpipe.attacks.dense`). ``delta`` follows MI-FGSM on ``L`` with an L1-normalised gradient
+``L_init`` is the cross-entropy of a successful dense attack (PGD or MI-FGSM from
+:mod:`advpipe.attacks.dense`), by default at the iterate where PGD first succeeds (``"pgd-early"``). ``delta`` follows MI-FGSM on ``L`` with an L1-normalised gradient
 and is clipped to the eps ball (Eq. 6); the encoder follows Adam. The attack mask is ``m > 0.5``.
 
 Beyond the paper (options, documented with measurements in docs/attack.md):
@@ -158,7 +158,8 @@ def _init_mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "Spars
                   decay=1.0, targeted=cfg.targeted, generator=generator)
 
 
-#: dense attacks that provide L_init (advmask.txt Sec. III-A c: "such as PGD and MI-FGSM")
+#: dense attacks that provide L_init (advmask.txt Sec. III-A c: "such as PGD and MI-FGSM"); the default
+#: "pgd-early" stops each image at its first success (docs/attack.md has the sweep that chose it)
 INIT_ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("initial attack")
 INIT_ATTACKS.register("pgd", _init_pgd)
 INIT_ATTACKS.register("pgd-early", _init_pgd_early)
@@ -220,7 +221,7 @@ class SparseAttackConfig:
     lambda_down: float = 0.5
     keep_best: bool = True
     straight_through: bool = False
-    init_attack: str = "pgd"
+    init_attack: str = "pgd-early"
     init_steps: int = 10
     init_step_size: float | Fraction | None = None
     autocast_dtype: str | None = None
