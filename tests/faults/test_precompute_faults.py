@@ -8,6 +8,8 @@ real subprocesses, so SIGKILL is real; the disk-full and read-only cases mount a
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import signal
 import time
@@ -136,6 +138,8 @@ def test_rerun_of_a_chunk_already_done_is_harmless(faults_env, tmp_path: Path) -
     prov = open_store(ref).provenance
     ds = load_dataset("embedded", "train", limit=N)
     attack = attack_config(PrecomputeConfig(steps=2, attack_options={"init_steps": 1})).resolve(tuple(ds.image_shape))
+    # The reference ran with --precision auto: the same precision as it resolved to on this machine.
+    attack = dataclasses.replace(attack, autocast_dtype=prov["attack"]["autocast_dtype"])
     job = ChunkJob(checkpoint=str(ckpt), checkpoint_sha256=sha256_file(ckpt), data="embedded", split="train",
                    data_dir=None, limit=N, image_size=load_checkpoint(ckpt).image_size, fingerprint=ds.fingerprint,
                    attack=attack, batch_size=8, seed=0, device="cpu")
