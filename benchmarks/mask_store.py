@@ -10,6 +10,9 @@ from zarr.codecs.numcodecs import PackBits
 from advpipe.pipeline.store import create_store, open_store
 from advpipe.pipeline.codecs import quiet_zarr
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine  # noqa: E402
+
 N, H, W = 10_000, 32, 32
 ROOT = os.path.join(tempfile.gettempdir(), "advpipe-mask-store-bench")
 LOG = f"{ROOT}.httplog"
@@ -130,6 +133,8 @@ def main():
     finally:
         srv.terminate(); srv.wait()
         shutil.rmtree(ROOT, ignore_errors=True)
+    res = {"benchmark": "mask_store", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": machine(), **res}
     json.dump(res, open(sys.argv[1], "w"), indent=1)
 
 
