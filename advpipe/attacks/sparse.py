@@ -11,8 +11,10 @@ annealed from ``alpha_min`` to ``alpha_max`` (Sec. IV-B), and the attacked image
     lambda     = C + gamma * mean(m > 0.5)                      (lambda_rule="paper")
 
 ``L_init`` is the cross-entropy of a successful dense attack (PGD or MI-FGSM from
-:mod:`advpipe.attacks.dense`), by default at the iterate where PGD first succeeds (``"pgd-early"``). ``delta`` follows MI-FGSM on ``L`` with an L1-normalised gradient
-and is clipped to the eps ball (Eq. 6); the encoder follows Adam. The attack mask is ``m > 0.5``.
+:mod:`advpipe.attacks.dense`), by default at the iterate where PGD first succeeds
+(``init_attack="pgd-early"``). ``delta`` follows MI-FGSM on ``L`` with an L1-normalised
+gradient and is clipped to the eps ball (Eq. 6); the encoder follows Adam. The attack mask is
+``m > 0.5``.
 
 Beyond the paper (options, documented with measurements in docs/attack.md):
 

@@ -86,9 +86,9 @@ class PrecomputeConfig:
     is attacked unless ``checkpoint`` is given. ``steps``/``encoder`` of None keep the attack's
     defaults; ``targeted`` is None (untargeted), ``"random"`` or ``"least-likely"``;
     ``attack_options`` sets any other :class:`SparseAttackConfig` field. ``precision`` is the
-    classifier's autocast in the attack (see :func:`resolve_precision` for ``auto``). ``workers`` = 0 runs in
-    this process, None = one worker per visible GPU (one on CPU); ``scheduler`` is the address of
-    an existing dask scheduler instead of a local cluster.
+    classifier's autocast in the attack (see :func:`resolve_precision` for ``auto``). ``workers``
+    = 0 runs in this process, None = one worker per visible GPU (one on CPU); ``scheduler`` is the
+    address of an existing dask scheduler instead of a local cluster.
     """
 
     data: str = "embedded"
