@@ -40,6 +40,7 @@ from advpipe.attacks.dense import mifgsm  # noqa: E402
 from advpipe.attacks.encoders import build_encoder  # noqa: E402
 from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack  # noqa: E402
 from advpipe.data.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from advpipe.eval.accuracy import autocast_context  # noqa: E402
 from advpipe.models.normalize import Normalized  # noqa: E402
 from advpipe.models.registry import create_model  # noqa: E402
 from advpipe.utils import fast_bf16, resolve_device  # noqa: E402
@@ -68,12 +69,10 @@ def _time_row(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: l
               dtype: str | None, device: torch.device) -> dict:
     """Seconds of the sparse attack and of MI-FGSM (same autocast) on one batch, for each step count."""
     gen = torch.Generator(device=device).manual_seed(0)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
-                         enabled=dtype is not None)
     eps = float(SparseAttackConfig().eps)
 
     def dense(n: int) -> None:
-        with amp:
+        with autocast_context(device, dtype or "fp32"):
             mifgsm(model, x, y, eps=eps, steps=n)
 
     # Warm-up with short runs so one-off allocations and kernel selection are not timed.
@@ -104,6 +103,21 @@ def _batch(model: torch.nn.Module, b: int, pool: tuple[torch.Tensor, torch.Tenso
     return images[idx].to(device), labels[idx].to(device)
 
 
+def _trained(checkpoint: str, data_dir: str, device: torch.device, pool: int = 1000):
+    """(checkpoint, model in eval mode, pool accuracy, correct images, their labels) on the first ``pool`` test images."""
+    from advpipe.data.datasets import load_dataset
+    from advpipe.models.build import model_from_checkpoint
+    from advpipe.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    model = model_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+    ds = load_dataset("cifar10", "test", data_dir=data_dir, limit=pool)
+    x, y = ds.images.float().div(255).to(device), ds.labels.to(device)
+    with torch.no_grad():
+        ok = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(y), 256)]) == y
+    return ckpt, model, float(ok.float().mean()), x[ok], y[ok]
+
+
 def _models(args: argparse.Namespace, device: torch.device) -> dict:
     """arch -> (model, pool of correct test images or None): trained checkpoints if given, else fresh weights."""
     trained = dict(item.split("=", 1) for item in args.checkpoints.split(",")) if args.checkpoints else {}
@@ -114,19 +128,10 @@ def _models(args: argparse.Namespace, device: torch.device) -> dict:
             model = Normalized(create_model(arch, 10), CIFAR10_MEAN, CIFAR10_STD).to(device).eval()
             out[arch] = (model.requires_grad_(False), None)
             continue
-        from advpipe.data.datasets import load_dataset
-        from advpipe.models.build import model_from_checkpoint
-        from advpipe.models.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(trained[arch], map_location=device)
+        ckpt, model, _, x, y = _trained(trained[arch], args.data_dir, device)
         if ckpt.arch != arch:
             raise SystemExit(f"{trained[arch]} holds a {ckpt.arch}, not a {arch}")
-        model = model_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
-        ds = load_dataset("cifar10", "test", data_dir=args.data_dir, limit=1000)
-        x, y = ds.images.float().div(255).to(device), ds.labels.to(device)
-        with torch.no_grad():
-            ok = torch.cat([model(x[i:i + 250]).argmax(1) == y[i:i + 250] for i in range(0, len(y), 250)])
-        out[arch] = (model, (x[ok], y[ok]))
+        out[arch] = (model, (x, y))
     return out
 
 
@@ -274,20 +279,9 @@ def _parse_value(text: str):
 
 def bench_sweep(args: argparse.Namespace) -> None:
     """One sweep setting on correctly classified CIFAR-10 test images; appends a JSON line."""
-    from advpipe.data.datasets import load_dataset
-    from advpipe.models.build import model_from_checkpoint
-    from advpipe.models.checkpoint import load_checkpoint
-
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, map_location=device)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    ds = load_dataset("cifar10", "test", data_dir=args.data_dir, limit=args.pool)
-    x_all = ds.images.float().div(255).to(device)
-    y_all = ds.labels.to(device)
-    with torch.no_grad():
-        pred = torch.cat([model(x_all[i:i + 256]).argmax(1) for i in range(0, len(y_all), 256)])
-    correct = (pred == y_all).nonzero().squeeze(1)[args.skip: args.skip + args.n]
-    x, y = x_all[correct], y_all[correct]
+    ckpt, model, pool_acc, x_ok, y_ok = _trained(args.checkpoint, args.data_dir, device, args.pool)
+    x, y = x_ok[args.skip: args.skip + args.n], y_ok[args.skip: args.skip + args.n]
     overrides = {"eps": _parse_value(args.eps), "autocast_dtype": args.autocast}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -301,7 +295,7 @@ def bench_sweep(args: argparse.Namespace) -> None:
     line = {
         "label": args.label, "model": ckpt.arch, "checkpoint": str(args.checkpoint),
         "model_test_acc": ckpt.metrics.get("test_acc"), "model_epoch": ckpt.epoch,
-        "pool_clean_acc": float((pred == y_all).float().mean()), "n": len(y), "skip": args.skip, "seed": args.seed,
+        "pool_clean_acc": pool_acc, "n": len(y), "skip": args.skip, "seed": args.seed,
         "overrides": {k: (str(v) if isinstance(v, Fraction) else v) for k, v in overrides.items()},
         "config": res.config, **summary, "images_per_s": len(y) / seconds, "seconds": seconds,
         "threads": torch.get_num_threads(), "machine": machine()["platform"],
