@@ -26,6 +26,11 @@ if TINY_CNN not in MODELS:
     register_model(TINY_CNN)(_tiny_cnn)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``cuda`` marker (tests/test_cuda.py; benchmarks/gpu/run_kit.py runs ``-m cuda``)."""
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (docs/gpu.md)")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: several times faster when the 2 cores are shared."""
