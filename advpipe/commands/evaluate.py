@@ -26,14 +26,23 @@ def evaluate(
     attack: Optional[list[str]] = typer.Option(
         None, "--attack", help="Attack spec, repeatable: 'default' (M2AT suite: FGSM, PGD-10, PGD-20, CW-20 at 8/255), "
                                "fgsm:eps=8/255, pgd:eps=8/255,steps=10[,step=2/255], cw:steps=20, "
-                               "pgd-ll:eps=0.04,steps=10, mifgsm-transfer:surrogate=PATH,eps=0.04."),
-    corruptions: Optional[str] = typer.Option(None, "--corruptions", help="'all' or a comma list of corruption names."),
+                               "pgd-ll:eps=0.04,steps=10, mifgsm-transfer:surrogate=PATH,eps=0.04, "
+                               "apgd-ce:eps=8/255,steps=100, apgd-dlr, apgd-t[:targets=9], apgd-suite (worst case of "
+                               "APGD-CE and APGD-T; not the full AutoAttack)."),
+    corruptions: Optional[str] = typer.Option(
+        None, "--corruptions", help="'all' (23), 'standard' (CIFAR-10-C's 15), 'cifar-c' (its 19) or a comma list."),
+    corruptions_dir: Optional[Path] = typer.Option(
+        None, "--corruptions-dir", help="Read the corruptions from the released CIFAR-10-C / CIFAR-100-C files "
+                                        "here (<name>.npy and labels.npy) instead of synthesising them."),
     severities: str = typer.Option("1-5", "--severities", help="Corruption severities: 1-5, 1,3,5 or 3."),
     seed: int = typer.Option(0, "--seed", help="Seed of the attacks' and corruptions' random draws."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (default), bf16, fp16 or auto."),
     json_path: Optional[Path] = typer.Option(
         None, "--json", help="Write the results as JSON here (default: RUN_DIR/eval.json when the checkpoint "
                              "is in a run folder)."),
+    cam: int = typer.Option(0, "--cam", help="Also draw the Grad-CAM of the first N test images beside them."),
+    cam_out: Optional[Path] = typer.Option(
+        None, "--cam-out", help="PNG for --cam (default: cams.png beside the JSON, else in the current folder)."),
 ) -> None:
     """Measure a checkpoint's clean, adversarial and corruption accuracy and robustness scores."""
     from advpipe.eval.corruptions import parse_corruption_list, parse_severities
@@ -42,11 +51,18 @@ def evaluate(
 
     if batch_size < 1:
         raise AdvpipeError(f"--batch-size must be at least 1, got {batch_size}")
+    if cam < 0:
+        raise AdvpipeError(f"--cam must be a number of images (0 for none), got {cam}")
+    if cam_out is not None and not cam:
+        raise AdvpipeError("--cam-out needs --cam N")
     parse_attack_specs(attack or [])  # refuse bad specs before loading anything
+    requested = tuple(p.strip() for p in (corruptions or "").split(",") if p.strip())
+    if corruptions_dir is None:
+        parse_corruption_list(list(requested))
     cfg = EvalConfig(checkpoint=str(checkpoint), data=data, data_dir=data_dir, split=split, limit=limit,
                      batch_size=batch_size, device=device, precision=precision, attacks=tuple(attack or ()),
-                     corruptions=tuple(parse_corruption_list(corruptions)), severities=parse_severities(severities),
-                     seed=seed)
+                     corruptions=requested, severities=parse_severities(severities), seed=seed,
+                     corruptions_dir=None if corruptions_dir is None else str(corruptions_dir))
     result = run_eval(cfg)
     out.print(_class_table(result, split))
     if result["attacks"] or result["corruptions"]:
@@ -54,6 +70,8 @@ def evaluate(
     target = json_path or default_eval_path(checkpoint)
     if target is not None:
         echo(f"wrote {write_eval_json(result, target)}")
+    if cam:
+        _draw_cams(result, checkpoint, cam, cam_out or (target.parent if target else Path(".")) / "cams.png")
 
 
 def _pct(value: float | None) -> str:
@@ -91,6 +109,24 @@ def _robustness_table(result: dict[str, Any], severities: tuple[int, ...]) -> Ta
                       *(_pct(level["top1"]) for level in entry["severities"]))
     summary = result["summary"]
     if result["corruptions"]:
-        table.add_row("[bold]mean corruption[/bold]", f"[bold]{_pct(summary['mean_corruption_top1'])}[/bold]",
+        table.add_row(f"[bold]mean, {summary['standard_corruptions']}/15 standard[/bold]",
+                      f"[bold]{_pct(summary['mean_corruption_top1'])}[/bold]",
                       f"[bold]{_score(summary['mean_corruption_robustness'])}[/bold]", *blank)
+        if summary["corruptions"] != summary["standard_corruptions"]:
+            table.add_row(f"mean, all {summary['corruptions']}", _pct(summary["mean_corruption_top1_all"]),
+                          _score(summary["mean_corruption_robustness_all"]), *blank)
     return table
+
+
+def _draw_cams(result: dict[str, Any], checkpoint: Path, n: int, path: Path) -> None:
+    """Grad-CAM of the first ``n`` evaluated images beside them (AdvMask Fig. 3 for one model)."""
+    from advpipe.eval.cam import checkpoint_cams, first_images, save_cam_grid
+    from advpipe.models.checkpoint import load_checkpoint
+    from advpipe.utils import resolve_device
+
+    data = result["data"]
+    images, labels, names = first_images(data["name"], data["split"], n, data_dir=result["params"].get("data_dir"),
+                                         image_size=load_checkpoint(checkpoint).image_size)
+    cams, preds, layer = checkpoint_cams(checkpoint, images, labels, device=resolve_device(result["params"]["device"]))
+    written = save_cam_grid(images, labels.tolist(), names, [(result["checkpoint"]["arch"], cams, preds)], path)
+    echo(f"wrote {written} (Grad-CAM at {layer})")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from advpipe.attacks import fgsm, least_likely_targets, mifgsm, pgd
+from advpipe.attacks.apgd import apgd, apgd_targeted, apgd_worst_case
 from advpipe.errors import AdvpipeError
 from advpipe.registry import Registry
 from advpipe.utils import parse_fraction
@@ -142,6 +143,16 @@ def _start(text: str) -> str:
     return raw
 
 
+def _count(name: str, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        raw = text.strip()
+        if not raw.isdigit() or not 1 <= int(raw) <= high:
+            raise AdvpipeError(f"invalid {name} {text!r}; use a whole number from 1 to {high}")
+        return int(raw)
+
+    return parse
+
+
 def _decay(text: str) -> float:
     try:
         value = float(text)
@@ -209,6 +220,28 @@ def _run_transfer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Mapping
                   decay=p["decay"], generator=ctx.generator)
 
 
+def _apgd_runner(kind: str) -> AttackRunner:
+    def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Mapping[str, Any],
+            ctx: AttackContext) -> torch.Tensor:
+        eps, steps = float(p["eps"]), p["steps"]
+        if kind == "suite":
+            return apgd_worst_case(model, x, y, eps=eps, steps=steps, targets=p["targets"], generator=ctx.generator)
+        if kind == "targeted":
+            return apgd_targeted(model, x, y, eps=eps, steps=steps, targets=p["targets"], restarts=p["restarts"],
+                                 generator=ctx.generator)
+        return apgd(model, x, y, eps=eps, steps=steps, loss=kind, restarts=p["restarts"], generator=ctx.generator)
+
+    return run
+
+
+def _apgd_label(prefix: str, suffix: str = "") -> Callable[[Mapping[str, Any]], str]:
+    def label(p: Mapping[str, Any]) -> str:
+        defaults = {"restarts": 1, "targets": 9}
+        return f"{prefix}-{p['steps']} {eps_text(p['eps'])}{suffix}{_suffix(p, defaults)}"
+
+    return label
+
+
 def _pgd_label(prefix: str) -> Callable[[Mapping[str, Any]], str]:
     def label(p: Mapping[str, Any]) -> str:
         defaults = {"step": p["eps"] / 4, "start": "random"}
@@ -245,6 +278,23 @@ ATTACKS.register("mifgsm-transfer", AttackKind(
      Param("decay", _decay, 1.0, "momentum decay mu (default 1.0)")),
     _run_transfer, _transfer_label, needs_surrogate=True))
 
+_APGD_STEPS = Param("steps", _steps, 100, "iterations (default 100, as in AutoAttack)")
+_RESTARTS = Param("restarts", _count("restarts", 100), 1, "random restarts on the samples not broken yet (default 1)")
+_TARGETS = Param("targets", _count("targets", 999), 9, "target classes, the most likely after the top one (default 9)")
+ATTACKS.register("apgd-ce", AttackKind(
+    "apgd-ce", "Auto-PGD on cross-entropy, AutoAttack's first attack (Croce & Hein 2020)",
+    (_eps(Fraction(8, 255)), _APGD_STEPS, _RESTARTS), _apgd_runner("ce"), _apgd_label("APGD-CE")))
+ATTACKS.register("apgd-dlr", AttackKind(
+    "apgd-dlr", "Auto-PGD on the Difference of Logits Ratio loss (Croce & Hein 2020, Eq. 4)",
+    (_eps(Fraction(8, 255)), _APGD_STEPS, _RESTARTS), _apgd_runner("dlr"), _apgd_label("APGD-DLR")))
+ATTACKS.register("apgd-t", AttackKind(
+    "apgd-t", "targeted Auto-PGD on the targeted DLR loss towards each of the top classes (Croce & Hein 2020, Eq. 5)",
+    (_eps(Fraction(8, 255)), _APGD_STEPS, _TARGETS, _RESTARTS), _apgd_runner("targeted"), _apgd_label("APGD-T")))
+ATTACKS.register("apgd-suite", AttackKind(
+    "apgd-suite", "per image the worst case of APGD-CE and APGD-T (AutoAttack's first two attacks, not all four)",
+    (_eps(Fraction(8, 255)), _APGD_STEPS, _TARGETS), _apgd_runner("suite"),
+    _apgd_label("APGD-CE+T", " worst case")))
+
 
 # --------------------------------------------------------------------------- parsing
 
@@ -255,7 +305,7 @@ def accepted_forms() -> str:
                       for name in ATTACKS.names())
     return (f"accepted forms: '{DEFAULT_NAME}' (the M2AT suite) or KIND[:KEY=VALUE,...] with {kinds} "
             "(e.g. fgsm:eps=8/255, pgd:eps=8/255,steps=10, cw:steps=20, pgd-ll:eps=0.04,steps=10, "
-            "mifgsm-transfer:surrogate=PATH,eps=0.04)")
+            "mifgsm-transfer:surrogate=PATH,eps=0.04, apgd-ce:eps=8/255,steps=100, apgd-suite)")
 
 
 def parse_attack_spec(text: str) -> AttackSpec:
