@@ -347,3 +347,19 @@ def test_pgd_early_stop_keeps_each_image_at_its_first_adversarial_iterate(task: 
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert 0 < int((first < steps).sum()) < len(y)  # both kinds of image occur
     assert (first[first < steps] > 0).any()  # and some stop after a few steps, not at the start
+
+
+def test_pgd_from_a_start_continues_an_earlier_run_exactly(task: SimpleNamespace) -> None:
+    x, y = task.x[:128], task.y[:128]
+    kw = dict(eps=EPS, step_size=EPS / 4)
+    whole = pgd(task.model, x, y, steps=7, generator=torch.Generator().manual_seed(4), **kw)
+    first = pgd(task.model, x, y, steps=3, generator=torch.Generator().manual_seed(4), **kw)
+    state = torch.get_rng_state()
+    rest = pgd(task.model, x, y, steps=4, start=first, generator=None, **kw)
+    torch.testing.assert_close(rest, whole, rtol=0, atol=1e-6)
+    assert torch.equal(torch.get_rng_state(), state)
+    outside = x + 3 * EPS  # a start outside the ball is projected into it before the first step
+    moved = pgd(task.model, x, y, steps=1, step_size=0.0, eps=EPS, start=outside)
+    assert ((moved - x).abs() <= EPS + 1e-6).all() and (moved >= 0).all() and (moved <= 1).all()
+    with pytest.raises(ValueError, match="start"):
+        pgd(task.model, x, y, steps=1, start=x[:3], **kw)

@@ -17,6 +17,8 @@ from advpipe.augment.occlusion import (boxes_keep, cutout_size, gridmask_default
                                        sample_cutout, sample_gridmask, sample_hide_and_seek, sample_random_erasing)
 from advpipe.augment.points import harris_points, random_points
 from advpipe.data.batch import Batch
+from advpipe.data.datasets import DatasetSplit
+from advpipe.data.loader import DeviceLoader
 from advpipe.errors import AdvpipeError
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -388,6 +390,33 @@ def test_harris_points_find_the_corners_of_a_square():
     assert not harris_points(torch.full((1, 3, 32, 32), 0.5), 10).any()  # flat image: no corners
 
 
+def test_cp_corners_are_found_before_the_crop_and_follow_it():
+    """The loader's black padding has strong corners of its own; CP must only see the image's (a bright square)."""
+    n = 32
+    images = torch.full((n, 3, 32, 32), 128, dtype=torch.uint8)
+    images[:, :, 12:20, 10:18] = 230
+    ds = DatasetSplit("synthetic", "train", torch.zeros(n, dtype=torch.long), ["a", "b"], MEAN, (0.25,) * 3,
+                      (3, 32, 32), images=images)
+    aug = build("advmask-cp")
+    assert set(aug.own_side) == {"corner_mask"}
+    batch = next(iter(DeviceLoader(ds, batch_size=n, seed=0, pad=4, flip=True, side=aug.own_side, workers=0)))
+    points = aug.point_masks(batch, torch.arange(n), gen(0))
+    assert torch.equal(points, batch.side["corner_mask"])
+    padding = (batch.images == 0).all(1)  # the image itself has no black pixel
+    near_padding = torch.nn.functional.max_pool2d(padding[:, None].float(), 5, 1, 2)[:, 0] > 0  # within 2 px
+    assert near_padding.any(2).any(1).float().mean() > 0.5  # most crops show some padding
+    old = harris_points(batch.images, aug.num_points)  # corners of the cropped image: the old behaviour
+    assert (old & near_padding).any()
+    assert not (points & near_padding).any()
+    for i in range(n):  # every corner sits on a corner of the square, wherever the crop and flip put it
+        rows, cols = (batch.images[i, 0] > 0.85).nonzero().T
+        corners = [(r, c) for r in (rows.min(), rows.max()) for c in (cols.min(), cols.max())]
+        ys, xs = points[i].nonzero().T.tolist()
+        assert len(ys) >= 4
+        assert all(min(abs(y - r) + abs(x - c) for r, c in corners) <= 2 for y, x in zip(ys, xs))
+
+
+# ---------------------------------------------------------------------- registered augmentations
 # ---------------------------------------------------------------------- registered augmentations
 
 

@@ -154,6 +154,7 @@ def test_unknown_options_raise_type_error(name: str) -> None:
     ("advprop", {"eps": "0"}), ("advprop", {"eps": "abc"}), ("advprop", {"steps": 0}),
     ("advprop", {"eps": 0.01}), ("afan", {"num_strengths": 0}), ("afan", {"adv_weight": -1}),
     ("afan", {"normalize": "yes"}), ("m2at", {"alpha": 0}), ("m2at", {"steps": 1.5}),
+    ("m2at", {"label_reading": "clean"}),
     ("mtlat", {"targets": "least"}), ("mixup", {"alpha": -0.4}), ("tlat", {"eps_max": 2}),
 ])  # fmt: skip
 def test_bad_option_values_are_user_errors(name: str, options: dict) -> None:
@@ -390,6 +391,61 @@ def test_m2at_soft_labels_follow_eqs_12_to_15() -> None:
     for i in range(3):
         row = others[i][~others[i].isnan()]
         torch.testing.assert_close(row, torch.full((K - 1,), (1 - true_mass[i].item()) / (K - 1)))
+
+
+@pytest.mark.parametrize("reading", ["paper", "clean-true"])
+def test_m2at_label_readings_at_the_clean_and_fully_perturbed_endpoints(reading: str) -> None:
+    """With an empty or a full box, x̃ = x + λ2'·δ; the labels of the two readings at its ends are exact."""
+    n, h, w = 4, 6, 6
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, h, w, generator=gen) * 0.8 + 0.1
+    delta = torch.full((n, 3, h, w), 0.03)
+    mask = torch.stack([torch.ones(h, w), torch.zeros(h, w), torch.ones(h, w), torch.zeros(h, w)])
+    lam2 = torch.tensor([0.0, 1.0, 1.0, 0.0])  # clean, clean, fully perturbed, fully perturbed
+    out = m2at_images(x, delta, mask, lam2)
+    kept = ((out - x) / delta).mean(dim=(1, 2, 3))  # the share of δ the mixed image carries
+    torch.testing.assert_close(kept, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    labels = torch.tensor([3, 0, 9, 5])
+    targets = m2at_labels(labels, mask.mean(dim=(1, 2)), lam2, K, reading)
+    y = F.one_hot(labels, K).float()
+    s = (1 - y) / (K - 1)
+    clean_label, perturbed_label = (s, y) if reading == "paper" else (y, s)
+    torch.testing.assert_close(targets[:2], clean_label[:2], rtol=0, atol=0)
+    torch.testing.assert_close(targets[2:], perturbed_label[2:], rtol=0, atol=0)
+    if reading == "paper":
+        assert targets[0, 3] == 0.0 and targets[0, 0] == pytest.approx(1 / 9)  # the clean image is called wrong
+    else:
+        assert targets[0, 3] == 1.0 and targets[2, 9] == 0.0
+
+
+@pytest.mark.parametrize("reading", ["paper", "clean-true"])
+def test_m2at_true_mass_is_the_perturbed_or_the_clean_share(reading: str) -> None:
+    """Between the ends: the true class gets the share of δ kept (paper) or its complement (clean-true)."""
+    gen = torch.Generator().manual_seed(1)
+    boxes = sample_boxes(64, 8, 8, generator=gen, device="cpu")
+    mask = box_masks(boxes, 8, 8)
+    lam2 = torch.rand(64, generator=gen)
+    kept = lam2 * mask.mean(dim=(1, 2)) + (1 - lam2) * (1 - mask.mean(dim=(1, 2)))
+    labels = torch.randint(0, K, (64,), generator=gen)
+    targets = m2at_labels(labels, mask.mean(dim=(1, 2)), lam2, K, reading)
+    expect = kept if reading == "paper" else 1 - kept
+    torch.testing.assert_close(targets[torch.arange(64), labels], expect)
+    torch.testing.assert_close(targets.sum(1), torch.ones(64))
+    # at a full box, clean-true is AVmixup's label with γ = 1: weight (1 - λ2) on the clean label y
+    full = m2at_labels(labels, torch.ones(64), lam2, K, reading)
+    y = F.one_hot(labels, K).float()
+    s = (1 - y) / (K - 1)
+    w = lam2.view(-1, 1)
+    torch.testing.assert_close(full, w * y + (1 - w) * s if reading == "paper" else (1 - w) * y + w * s)
+
+
+def test_m2at_label_reading_option_reaches_the_step() -> None:
+    net, batch = _model(), _batch(8)
+    masses = {}
+    for reading in ("paper", "clean-true"):
+        method = build_method("m2at", CTX, steps=1, label_reading=reading)
+        masses[reading] = float(method.step(net, batch, torch.Generator().manual_seed(3))["true_mass"])
+    assert masses["paper"] + masses["clean-true"] == pytest.approx(1.0)  # same draws, complementary masses
 
 
 def test_m2at_boxes_masks_and_mixed_images() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from advpipe.attacks.dense import pgd
-from advpipe.attacks.encoders import LinearEncoder, build_encoder
+from advpipe.attacks.encoders import LinearEncoder, build_encoder, single_value_safe
+from advpipe.attacks.init_attack import dense_init
 from advpipe.attacks.sparse import (
     ALPHA_SCHEDULES,
     SparseAttackConfig,
@@ -81,7 +83,8 @@ def test_config_to_dict_writes_fractions_and_resolve_follows_image_size() -> Non
     [dict(eps=-0.1), dict(eps=2.0), dict(steps=0), dict(steps=1.5), dict(alpha_min=0.0),
      dict(alpha_min=10.0, alpha_max=5.0), dict(alpha_schedule="nope"), dict(encoder="nope"),
      dict(encoder_scope="pixel"), dict(lambda_rule="nope"), dict(target="nope"), dict(init_attack="nope"),
-     dict(autocast_dtype="fp8"), dict(adam_lr=0.0), dict(keep_best=1)],
+     dict(autocast_dtype="fp8"), dict(adam_lr=0.0), dict(keep_best=1), dict(init_extra_steps=-1),
+     dict(init_extra_steps=2.5), dict(init_extra_steps=True)],
 )
 def test_config_rejects_invalid_settings(kwargs: dict) -> None:
     with pytest.raises(AdvpipeError):
@@ -277,6 +280,48 @@ def test_early_stopped_init_gives_a_less_confident_l_init(task: SimpleNamespace)
     assert (early.l_init > full.l_init).float().mean() > 0.8 and early.l_init.mean() > 2 * full.l_init.mean()
 
 
+class _SumModel(torch.nn.Module):
+    """Two classes; class 1 wins once the pixel sum exceeds the image's threshold ``c`` (a plain ramp for PGD)."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x - 0.5).flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(s), s - self.c[: len(s)]], 1)
+
+
+def test_dense_init_continues_to_success_up_to_its_cap() -> None:
+    """Targeted PGD of 0.002 per pixel and step: 10 steps raise the sum by <= 3.8, so a threshold of 12 needs ~30."""
+    n = 8
+    x = torch.full((n, 3, 8, 8), 0.5)
+    c = torch.tensor([12.0] * 6 + [-100.0, 30.0])  # 6 need ~30 steps, one starts adversarial, one is out of reach
+    model, target = _SumModel(c), torch.ones(n, dtype=torch.long)
+    cfg = SparseAttackConfig(eps=0.1, init_step_size=0.002, targeted=True).resolve((3, 8, 8))
+
+    def run(**fields) -> torch.Tensor:
+        config = dataclasses.replace(cfg, **fields)
+        return dense_init(model, x, target, config, torch.Generator().manual_seed(0))
+
+    def reached(x_adv: torch.Tensor) -> torch.Tensor:
+        return model(x_adv).argmax(1) == target
+
+    only_ten = run(init_extra_steps=0)
+    assert reached(only_ten).tolist() == [False] * 6 + [True, False]  # the old behaviour: L_init from failures
+    full = run()  # the default cap, 10 + 90 steps
+    assert reached(full).tolist() == [True] * 7 + [False]
+    assert ((full - x).abs() <= 0.1 + 1e-6).all()
+    torch.testing.assert_close(full[6], only_ten[6])  # a success is never moved
+    # each continued image stops at its first success: one step less would still fail
+    sums = (full[:6] - 0.5).flatten(1).sum(1)
+    assert (sums > 12).all() and (sums - 3 * 64 * 0.002 <= 12).all()
+    assert reached(run(init_extra_steps=5)).tolist() == [False] * 6 + [True, False]  # a cap of 15 is too short
+    res = sparse_attack(model, x, torch.zeros(n, dtype=torch.long), dataclasses.replace(cfg, steps=1),
+                        generator=torch.Generator().manual_seed(0), targets=target)
+    assert res.init_success.tolist() == [True] * 7 + [False]
+
+
 def test_explicit_targets_are_used_and_require_targeted(task: SimpleNamespace) -> None:
     targets = (task.y + 1) % K
     res = sparse_attack(task.model, task.x[:4], task.y[:4], SparseAttackConfig(eps=EPS, steps=3, targeted=True),
@@ -315,6 +360,47 @@ def test_unet_pads_sizes_that_are_not_multiples_of_32() -> None:
     enc = build_encoder("unet", (3, 40, 40), 2, generator=torch.Generator().manual_seed(0),
                         device=torch.device("cpu"))
     assert enc(torch.rand(2, 3, 40, 40)).shape == (2, 1, 40, 40)
+
+
+def test_unet_encoder_trains_at_batch_one_on_32x32(task: SimpleNamespace) -> None:
+    """A 32x32 input reaches a 1x1 map in the deepest stage, so at batch 1 BatchNorm has one value per channel."""
+    enc = build_encoder("unet", (3, 32, 32), 1, generator=torch.Generator().manual_seed(0),
+                        device=torch.device("cpu")).train()
+    d = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    out = enc(d)
+    (grad,) = torch.autograd.grad(out.sum(), d)
+    assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert grad.abs().sum() > 0
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    res = sparse_attack(task.model, x, _predict(task, x), SparseAttackConfig(eps=EPS, steps=2, init_steps=1,
+                                                                              encoder="unet"),
+                        generator=torch.Generator().manual_seed(0))
+    assert res.mask.shape == (1, 32, 32) and res.config["encoder"] == "unet"
+
+
+def test_unet_batch_statistics_are_unchanged_from_two_images_on() -> None:
+    import segmentation_models_pytorch as smp
+
+    enc = build_encoder("unet", (3, 32, 32), 2, generator=torch.Generator().manual_seed(0),
+                        device=torch.device("cpu")).train()
+    plain = smp.Unet("mobilenet_v2", encoder_weights=None, in_channels=3, classes=1).train()
+    plain.load_state_dict(enc.net.state_dict())
+    d = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(enc(d), plain(d))  # every BN, the 1x1 ones included, on batch statistics
+
+
+def test_single_value_batchnorm_uses_its_running_statistics() -> None:
+    bn = single_value_safe(torch.nn.BatchNorm2d(4)).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        bn.bias.fill_(0.5)
+    x = torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    expect = bn.weight.view(1, 4, 1, 1) * x / (1 + bn.eps) ** 0.5 + 0.5
+    torch.testing.assert_close(bn(x), expect)
+    assert bn.training and torch.equal(bn.running_mean, torch.zeros(4))  # nothing learnt from one value
+    two = torch.randn(2, 4, 1, 1, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(bn(two).mean(0).flatten(), torch.full((4,), 0.5))  # batch statistics again
+    assert not torch.equal(bn.running_mean, torch.zeros(4))
 
 
 def test_empty_batch_and_malformed_inputs(task: SimpleNamespace) -> None:

@@ -75,6 +75,7 @@ def pgd(
     loss: str = "ce",
     generator: torch.Generator | None = None,
     early_stop: bool = False,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected Gradient Descent in l_inf (Madry et al., 2018), optionally from a random start.
 
@@ -83,7 +84,9 @@ def pgd(
     from ``x`` otherwise (then it is I-FGSM / BIM, Kurakin et al., 2017; advprop.txt Tab. 7).
     AdvProp's "PGD5 (eps=4)" is ``pgd(..., eps=4/255, steps=5, step_size=1/255)``.
     With ``early_stop``, each image stays at the first iterate the model classifies adversarially
-    (not ``y``; or ``y`` when ``targeted``), which costs no extra forward.
+    (not ``y``; or ``y`` when ``targeted``), which costs no extra forward. ``start`` (B,C,H,W), if
+    given, is the first iterate instead of ``x`` or the random start (it is projected into the
+    ball around ``x``), so an earlier run can be continued; nothing is drawn then.
 
     Example::
 
@@ -96,7 +99,12 @@ def pgd(
         return x.detach().clone()
     x = x.detach()
     lower, upper = _box(x, eps)
-    x_adv = _start(x, eps, random_start, generator).clamp_(lower, upper)
+    if start is not None:
+        if start.shape != x.shape:
+            raise ValueError(f"start must have the shape of x {tuple(x.shape)}, got {tuple(start.shape)}")
+        x_adv = start.detach().to(x.dtype).clone().clamp_(lower, upper)
+    else:
+        x_adv = _start(x, eps, random_start, generator).clamp_(lower, upper)
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(steps):
         grad, logits = _input_grad_and_logits(model, x_adv, y, loss_fn, targeted)

@@ -76,7 +76,10 @@ class UNetEncoder(nn.Module):
 
     Built with ``encoder_weights=None`` (never downloads). The input is zero-padded to a multiple
     of 32 (smp's U-Net halves the resolution five times) and the output cropped back. BatchNorm
-    runs in train mode, i.e. on the statistics of the current batch of perturbations.
+    runs in train mode, i.e. on the statistics of the current batch of perturbations, except in
+    a layer whose input holds a single value per channel (batch 1 with a 1x1 feature map: the
+    deepest stage of a 32x32 input), which has no batch statistics; that layer normalises with its
+    running statistics instead (see :class:`SingleValueSafeBatchNorm`), so any batch size works.
     """
 
     def __init__(self, image_shape: tuple[int, int, int], backbone: str,
@@ -95,6 +98,7 @@ class UNetEncoder(nn.Module):
             raise AdvpipeError(
                 f"unknown U-Net backbone {backbone!r}; see segmentation_models_pytorch.encoders.get_encoder_names()"
             ) from None
+        single_value_safe(net)
         net.to_empty(device=device)
         init_from_generator(net, generator)
         self.net = net
@@ -108,6 +112,44 @@ class UNetEncoder(nn.Module):
             delta = F.pad(delta, (0, pw, 0, ph))
         out = self.net(delta)
         return out[..., :h, :w]
+
+
+class SingleValueSafeBatchNorm:
+    """Mixin for BatchNorm classes: in train mode, an input with one value per channel uses the running statistics.
+
+    Batch statistics of a single value do not exist (PyTorch raises "Expected more than 1 value
+    per channel"). Such a layer sees one value per channel on every call of an attack run (the
+    batch and image sizes are fixed), so its running statistics never leave their initial
+    mean 0 / variance 1 and it acts as the affine map ``weight * x / sqrt(1 + eps) + bias``: the
+    values and their gradients pass through, unnormalised. Every other input is normalised by its
+    batch statistics exactly as before, so batches of two or more images are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch statistics, or the running ones for a single value per channel."""
+        if self.training and x.numel() == x.shape[1]:
+            self.training = False
+            try:
+                return super().forward(x)  # type: ignore[misc]
+            finally:
+                self.training = True
+        return super().forward(x)  # type: ignore[misc]
+
+
+_SAFE_NORMS: dict[type, type] = {}
+
+
+def single_value_safe(module: nn.Module) -> nn.Module:
+    """Give every BatchNorm of ``module`` the :class:`SingleValueSafeBatchNorm` behaviour (in place); return it."""
+    for sub in module.modules():
+        cls = type(sub)
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not isinstance(sub, SingleValueSafeBatchNorm):
+            if cls not in _SAFE_NORMS:
+                name = f"SingleValueSafe{cls.__name__}"
+                _SAFE_NORMS[cls] = type(name, (SingleValueSafeBatchNorm, cls), {"__module__": __name__})
+                globals().setdefault(name, _SAFE_NORMS[cls])  # importable by name, so pickling works
+            sub.__class__ = _SAFE_NORMS[cls]
+    return module
 
 
 def init_from_generator(module: nn.Module, generator: torch.Generator) -> None:

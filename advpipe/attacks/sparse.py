@@ -12,9 +12,10 @@ annealed from ``alpha_min`` to ``alpha_max`` (Sec. IV-B), and the attacked image
 
 ``L_init`` is the cross-entropy of a successful dense attack (PGD or MI-FGSM from
 :mod:`advpipe.attacks.dense`), by default at the iterate where PGD first succeeds
-(``init_attack="pgd-early"``). ``delta`` follows MI-FGSM on ``L`` with an L1-normalised
-gradient and is clipped to the eps ball (Eq. 6); the encoder follows Adam. The attack mask is
-``m > 0.5``.
+(``init_attack="pgd-early"``); images it has not brought to success after ``init_steps`` continue
+up to ``init_extra_steps`` more steps (:mod:`advpipe.attacks.init_attack`). ``delta`` follows
+MI-FGSM on ``L`` with an L1-normalised gradient and is clipped to the eps ball (Eq. 6); the
+encoder follows Adam. The attack mask is ``m > 0.5``.
 
 Beyond the paper (options, documented with measurements in docs/attack.md):
 
@@ -53,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpipe.attacks.dense import least_likely_targets, mifgsm, pgd, random_targets
+from advpipe.attacks.dense import least_likely_targets, random_targets
 from advpipe.attacks.encoders import DEFAULT_UNET_BACKBONE, ENCODERS, build_encoder
+from advpipe.attacks.init_attack import INIT_ATTACKS, dense_init
 from advpipe.errors import AdvpipeError
 from advpipe.progress import task
 from advpipe.registry import Registry
@@ -139,35 +141,6 @@ LAMBDA_RULES.register("paper", _PaperLambda)
 LAMBDA_RULES.register("adaptive", _AdaptiveLambda)
 
 
-def _init_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "SparseAttackConfig",
-              generator: torch.Generator) -> torch.Tensor:
-    """PGD (random start) on the sparse attack's eps, for L_init."""
-    return pgd(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
-               random_start=True, targeted=cfg.targeted, generator=generator)
-
-
-def _init_pgd_early(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "SparseAttackConfig",
-                    generator: torch.Generator) -> torch.Tensor:
-    """PGD as ``_init_pgd``, but each image stops at its first successful iterate (L_init "at success")."""
-    return pgd(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
-               random_start=True, targeted=cfg.targeted, generator=generator, early_stop=True)
-
-
-def _init_mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: "SparseAttackConfig",
-                 generator: torch.Generator) -> torch.Tensor:
-    """MI-FGSM (decay 1) on the sparse attack's eps, for L_init."""
-    return mifgsm(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
-                  decay=1.0, targeted=cfg.targeted, generator=generator)
-
-
-#: dense attacks that provide L_init (advmask.txt Sec. III-A c: "such as PGD and MI-FGSM"); the default
-#: "pgd-early" stops each image at its first success (docs/attack.md has the sweep that chose it)
-INIT_ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("initial attack")
-INIT_ATTACKS.register("pgd", _init_pgd)
-INIT_ATTACKS.register("pgd-early", _init_pgd_early)
-INIT_ATTACKS.register("mifgsm", _init_mifgsm)
-
-
 def _random_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                    generator: torch.Generator) -> torch.Tensor:
     """A uniformly random class other than ``y`` per image."""
@@ -225,6 +198,7 @@ class SparseAttackConfig:
     straight_through: bool = False
     init_attack: str = "pgd-early"
     init_steps: int = 10
+    init_extra_steps: int = 90
     init_step_size: float | Fraction | None = None
     autocast_dtype: str | None = None
 
@@ -246,6 +220,9 @@ class SparseAttackConfig:
 
         positive_int("steps")
         positive_int("init_steps")
+        if isinstance(self.init_extra_steps, bool) or not isinstance(self.init_extra_steps, int) \
+                or self.init_extra_steps < 0:
+            raise AdvpipeError(f"sparse attack init_extra_steps must be an integer >= 0, got {self.init_extra_steps!r}")
         number("eps", strict=True)
         if self.eps > 1:
             raise AdvpipeError(f"sparse attack eps is in [0,1] pixel units, got {self.eps}")
@@ -461,7 +438,7 @@ class _SparseRun:
 
         # L_init: the cross-entropy a successful dense attack reaches (Eq. 4).
         with self._autocast():
-            x_init = INIT_ATTACKS.get(cfg.init_attack)(self.model, x, label, cfg, self.gen)
+            x_init = dense_init(self.model, x, label, cfg, self.gen)
         with torch.no_grad():
             with self._autocast():
                 init_logits = self.model(x_init)

@@ -43,7 +43,7 @@ from advpipe.augment import greedy_cpu
 from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, occlude
 from advpipe.augment.occlusion import (gridmask_defaults, gridmask_keep, linear_ramp, resolve_generator,
                                       sample_gridmask)
-from advpipe.augment.points import attack_points, harris_points, random_points
+from advpipe.augment.points import attack_points, corner_source, harris_points, random_points
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 
@@ -483,7 +483,13 @@ class IncrementalOcclusion(InputAugment):
 
 
 class AdvMask(IncrementalOcclusion):
-    """AdvMask (Sec. III-B) with points from the attack masks, or the RP / CP ablations of Table V."""
+    """AdvMask (Sec. III-B) with points from the attack masks, or the RP / CP ablations of Table V.
+
+    CP (``points="corner"``) brings its own side source, ``own_side["corner_mask"]``: the loader
+    finds the corners on the stored images and crops and flips them with the images (see
+    :mod:`advpipe.augment.points`). A batch without that entry (one that was never padded or
+    cropped, e.g. a preview) has its corners found on the batch's images as they are.
+    """
 
     def __init__(self, ctx: AugmentContext, l: Sequence[int], p: Sequence[float], o: float, fallback: str,
                  prob_max: float, warmup_epochs: int | None, max_candidates: int, points: str,
@@ -496,6 +502,8 @@ class AdvMask(IncrementalOcclusion):
         self.fallback, self.max_candidates = fallback, int(max_candidates)
         self.points, self.num_points = points, int(num_points)
         self.needs_side = ("attack_mask",) if points == "attack" else ()
+        #: side sources this augmentation computes itself (the training loop hands them to the loader)
+        self.own_side = {"corner_mask": corner_source(self.num_points)} if points == "corner" else {}
 
     def sample(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Check the attack masks are there (even on steps that occlude nothing), then sample."""
@@ -510,6 +518,8 @@ class AdvMask(IncrementalOcclusion):
             return attack_points(batch)[index]
         if self.points == "random":
             return random_points(len(index), h, w, self.num_points, generator=generator, device=batch.images.device)
+        if "corner_mask" in batch.side:
+            return batch.side["corner_mask"][index].bool()
         return harris_points(batch.images[index], self.num_points)
 
     def occlusion(self, batch: Batch, index: torch.Tensor,

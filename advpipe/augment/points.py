@@ -5,6 +5,11 @@ All return a (B,H,W) bool mask of points on the images' device:
 - :func:`attack_points`: the sparse-attack points the loader attached to the batch (AdvMask itself, AAPM);
 - :func:`random_points`: points drawn uniformly without replacement over the image (RP);
 - :func:`harris_points`: the strongest Harris corners, computed on the device with Sobel convolutions (CP).
+
+CP's corners belong to the image, not to the training crop: :func:`corner_source` is a loader side
+source that finds them on the stored (un-padded, un-cropped) images, and the loader then crops and
+flips them with the images, as it does the attack masks. On the cropped image the black padding's
+edges would add strong corners of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 
 from advpipe.augment.occlusion import resolve_generator
 from advpipe.data.batch import Batch
+from advpipe.data.loader import FromImages
 from advpipe.errors import AdvpipeError
 
 #: ITU-R BT.601 luma weights, used to turn RGB into the grey image corner detection works on
@@ -81,3 +87,11 @@ def harris_points(images: torch.Tensor, num_points: int, *, k: float = 0.04, qua
     vals, idx = score.topk(min(num_points, h * w), dim=1)
     out = torch.zeros(b, h * w, dtype=torch.bool, device=images.device)
     return out.scatter_(1, idx, vals > -torch.inf).view(b, h, w)
+
+
+def corner_source(num_points: int) -> FromImages:
+    """A loader side source: the ``num_points`` strongest Harris corners of each stored uint8 image, as (B,H,W) bool."""
+    def corners(images: torch.Tensor) -> torch.Tensor:
+        return harris_points(images.float() / 255, num_points)
+
+    return FromImages(corners)

@@ -13,9 +13,13 @@ Per sample (Alg. 1), with ``δ = PGD(x, y) - x`` (PGD-10, eps 8/255, step 2/255,
 
 What is mixed with what: the *same* image's two partially perturbed copies, never two different
 images (unlike Mixup/CutMix). Hence ``x̃ = x + δ ⊙ (λ2 M + (1 - λ2)(1 - M))`` stays in the eps ball
-and in [0, 1], and ``ỹ`` has mass ``λ2 λ1' + (1 - λ2)(1 - λ1')`` on the true class: read literally,
-Eqs. (12)-(13) give the true class the share of the *perturbed* area (weighted by how much of δ it
-keeps). We implement the equations as printed; docs/methods.md discusses this.
+and in [0, 1]. Write ``k = λ2 λ1' + (1 - λ2)(1 - λ1')`` for the share of δ that ``x̃`` keeps.
+
+Label reading (option ``label_reading``). Read literally (``"paper"``, the default), Eqs. (12)-(13)
+give the true class the mass ``k``: the *perturbed* share gets ``y``, so a fully perturbed image is
+labelled ``y`` and a fully clean one ``s`` (true-class mass 0). ``"clean-true"`` swaps the roles,
+true-class mass ``1 - k``: the *clean* share gets ``y``, as in AVmixup, to which the paper says
+M2AT reduces when λ1 is 0 or 1 (Sec. 3.3). docs/methods.md gives the argument and the measurements.
 
 Choices where the paper is silent, and why:
 
@@ -30,7 +34,7 @@ Choices where the paper is silent, and why:
   training forward of ``x̃`` enters them.
 
 Options: ``eps`` ("8/255"), ``steps`` (10), ``step_size`` ("2/255"), ``alpha`` (1.0: λ2 ~ Beta(α, α)),
-``random_start`` (true).
+``random_start`` (true), ``label_reading`` ("paper" or "clean-true").
 """
 
 from __future__ import annotations
@@ -79,11 +83,26 @@ def box_masks(boxes: dict[str, torch.Tensor], height: int, width: int) -> torch.
     return (inside_r & inside_c).float()
 
 
-def m2at_labels(labels: torch.Tensor, area: torch.Tensor, lam2: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Eqs. (12)-(13) mixed by Eq. (15): (B,K) soft labels ``λ2 t + (1 - λ2) t̄``."""
+#: how Eqs. (12)-(13) are read: which share of the image gets the true class (see the module docstring)
+LABEL_READINGS = ("paper", "clean-true")
+
+
+def m2at_labels(labels: torch.Tensor, area: torch.Tensor, lam2: torch.Tensor, num_classes: int,
+                reading: str = "paper") -> torch.Tensor:
+    """Eqs. (12)-(13) mixed by Eq. (15): (B,K) soft labels ``λ2 t + (1 - λ2) t̄``.
+
+    ``area`` is λ1', the share of the image inside the box (where ξ carries δ). ``reading="paper"``
+    is the equations as printed (``t = λ1' y + (1 - λ1') s``: the perturbed share gets ``y``);
+    ``"clean-true"`` gives ``y`` to the clean share instead (``t = λ1' s + (1 - λ1') y``, and
+    ``t̄`` alike).
+    """
+    if reading not in LABEL_READINGS:
+        raise AdvpipeError(f"M2AT label_reading must be one of {', '.join(LABEL_READINGS)}, got {reading!r}")
     y = one_hot(labels, num_classes)
     s = (1 - y) / (num_classes - 1)  # the paper's ȳ s: uniform over the wrong classes
     a = area.view(-1, 1).float()
+    if reading == "clean-true":
+        a = 1 - a  # the share of ξ without δ
     t = a * y + (1 - a) * s
     t_bar = a * s + (1 - a) * y
     w = lam2.view(-1, 1).float()
@@ -103,12 +122,15 @@ class M2AT(Method):
     """M2AT (m2at.txt Alg. 1): PGD, CutMix-masked perturbation, self-mixing, smoothed labels."""
 
     def __init__(self, *, num_classes: int, eps: float, steps: int, step_size: float, alpha: float,
-                 random_start: bool) -> None:
+                 random_start: bool, label_reading: str = "paper") -> None:
         """Build M2AT for ``num_classes`` classes with an l_inf PGD attacker."""
         if num_classes < 2:
             raise AdvpipeError("M2AT needs at least 2 classes (its labels spread mass over the wrong ones)")
+        if label_reading not in LABEL_READINGS:
+            raise AdvpipeError(f"method option label_reading must be one of {', '.join(LABEL_READINGS)}, "
+                               f"got {label_reading!r}")
         self.num_classes, self.eps, self.steps, self.step_size = num_classes, eps, steps, step_size
-        self.alpha, self.random_start = alpha, random_start
+        self.alpha, self.random_start, self.label_reading = alpha, random_start, label_reading
 
     def step(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Return the soft-label CE of the model on the masked-and-mixed adversarial batch."""
@@ -121,7 +143,7 @@ class M2AT(Method):
         mask = box_masks(boxes, h, w)
         lam2 = sample_beta(n, self.alpha, self.alpha, generator=generator, device=x.device)
         x_mix = m2at_images(x, x_adv - x, mask, lam2)
-        targets = m2at_labels(y, mask.mean(dim=(1, 2)), lam2, self.num_classes)
+        targets = m2at_labels(y, mask.mean(dim=(1, 2)), lam2, self.num_classes, self.label_reading)
         logits = model(x_mix)
         loss = soft_cross_entropy(logits, targets)
         return {"loss": loss, "true_mass": targets.gather(1, y.view(-1, 1)).mean(), "logits": logits}
@@ -133,12 +155,12 @@ class M2AT(Method):
 
 @checked_options
 def _m2at(ctx: MethodContext, *, eps: Any = "8/255", steps: Any = 10, step_size: Any = "2/255", alpha: Any = 1.0,
-          random_start: Any = True) -> M2AT:
+          random_start: Any = True, label_reading: Any = "paper") -> M2AT:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise AdvpipeError(f"method option alpha must be a number > 0, got {alpha!r}")
     return M2AT(num_classes=ctx.num_classes, eps=fraction_option(eps, "eps"), steps=positive_int(steps, "steps"),
                 step_size=fraction_option(step_size, "step_size"), alpha=float(alpha),
-                random_start=flag_option(random_start, "random_start"))
+                random_start=flag_option(random_start, "random_start"), label_reading=label_reading)
 
 
 METHODS.register("m2at", _m2at)
