@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from advpipe import progress
@@ -115,7 +116,7 @@ class LogReporter:
 
     def emit(self, task: _LogTask) -> None:
         """Write one progress line to stderr."""
-        console.print(task.line(), highlight=False, soft_wrap=True)
+        console.print(task.line(), highlight=False, soft_wrap=True, markup=False)
 
 
 def make_reporter() -> RichReporter | LogReporter:
@@ -132,7 +133,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except AdvpipeError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")

@@ -53,6 +53,16 @@ def use_reporter(reporter: Reporter) -> Reporter:
     return previous
 
 
+def open_task(description: str, total: float | None = None, unit: str = "it") -> Task:
+    """Open a progress task that stays open until :func:`close_task` (for bars that come and go)."""
+    return _reporter.open(description, total, unit)
+
+
+def close_task(handle: Task) -> None:
+    """Close a task opened with :func:`open_task`."""
+    _reporter.close(handle)
+
+
 @contextlib.contextmanager
 def task(description: str, total: float | None = None, unit: str = "it") -> Iterator[Task]:
     """Open a progress task for the duration of a ``with`` block."""

@@ -1,3 +1,3 @@
 """CLI commands, one module each; advpipe/cli.py imports them in this order (the --help order)."""
 
-COMMAND_MODULES = ["train", "evaluate", "precompute", "masks", "report", "augment", "data", "demo", "info"]
+COMMAND_MODULES = ["train", "evaluate", "precompute", "masks", "report", "study", "augment", "data", "demo", "info"]

@@ -21,12 +21,13 @@ def report(
     force: bool = typer.Option(False, "--force", help="Compare runs even if they were evaluated on different data."),
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help="Run name to mark the others against with +/- (M-TLAT style)."),
+    cam: int = typer.Option(0, "--cam", help="Also draw cams.png: Grad-CAM of the first N test images for every run."),
 ) -> None:
     """Compare evaluated runs: a Markdown table like the papers', training curves and robustness bars."""
     from advpipe.eval.report import ReportConfig, build_report
 
     result = build_report(ReportConfig(runs=tuple(str(r) for r in runs), out=str(out_dir), csv=csv, force=force,
-                                       baseline=baseline))
+                                       baseline=baseline, cam=cam))
     for warning in result.warnings:
         echo(f"warning: {warning}")
     for path in result.files:

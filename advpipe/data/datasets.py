@@ -30,6 +30,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 EMBEDDED_FILE = Path(__file__).parent / "embedded" / "cifar10_mini.npz"
 SPLITS = ("train", "test")
+#: datasets that are subsets of another one (same classes, same images): a model of the parent fits them
+SUBSET_OF = {"embedded": "cifar10"}
+
+
+def dataset_family(name: str) -> str:
+    """The dataset ``name`` is drawn from (``embedded`` is a CIFAR-10 prefix); itself for the others."""
+    return SUBSET_OF.get(name, name)
 
 
 @dataclass

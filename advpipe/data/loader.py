@@ -3,11 +3,13 @@
 In-memory datasets (all CIFAR-sized ones) keep their uint8 tensor on the device and gather each
 batch by index. Lazy datasets (image folders) go through a torch DataLoader with workers and
 pinned memory, then reach the same device-side transform. Side data (per-sample (H,W) tensors
-such as attack masks) is looked up by dataset index and goes through the same crop and flip.
+such as attack masks) is looked up by dataset index, or computed from the batch's images as they
+are stored (:class:`FromImages`, e.g. Harris corners), and goes through the same crop and flip.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Union
 
 import torch
@@ -17,8 +19,22 @@ from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
 from advpipe.data.transforms import apply_crop_flip, sample_crop_flip
 
-#: a side source is either an (N,H,W) tensor indexed by dataset index, or a function index -> (B,H,W)
-SideSource = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class FromImages:
+    """Side data computed from each batch's stored images, before the crop and flip (which it then follows).
+
+    ``fn`` maps the uint8 (B,C,H,W) images on the loader's device to (B,H,W), so what it finds
+    there never sees the padding; the result is cropped and flipped exactly like the images.
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+#: a side source is an (N,H,W) tensor indexed by dataset index, a function index -> (B,H,W), or
+#: :class:`FromImages` (a function of the un-padded, un-cropped images)
+SideSource = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], FromImages]
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -62,7 +78,9 @@ class DeviceLoader:
 
     Each epoch's order and augmentation come from generators seeded by (seed, epoch), so the same
     seed gives the same batches and a resumed run continues exactly. With ``world_size > 1`` each
-    rank takes a disjoint, equally long shard of every epoch's shuffled order. A side source with a
+    rank takes a disjoint, equally long shard of every epoch's shuffled order. ``indices`` restricts
+    the loader to those dataset indices (a held-out validation split, or the rest of the training
+    split), which keep their dataset index, so side data still lines up. A side source with a
     ``shuffle_blocks`` attribute (block, window) makes the training order chunk-aware
     (:func:`block_shuffle`); one with a ``plan`` method is told each epoch's order before it starts.
     """
@@ -82,6 +100,7 @@ class DeviceLoader:
         workers: int = 2,
         rank: int = 0,
         world_size: int = 1,
+        indices: torch.Tensor | None = None,
     ) -> None:
         """Prepare batches of ``ds``; in-memory images are moved to ``device`` once, here."""
         self.ds = ds
@@ -98,6 +117,7 @@ class DeviceLoader:
         self.workers = workers
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.long).cpu()
         self.images = ds.images.to(self.device) if ds.in_memory else None
         self.labels = ds.labels.to(self.device)
 
@@ -106,15 +126,21 @@ class DeviceLoader:
         self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
-        n = len(self.ds)
+        subset = self.indices
+        n = len(self.ds) if subset is None else len(subset)
         if self.train:
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             if self.shuffle_blocks:
-                order = block_shuffle(n, *self.shuffle_blocks, generator=gen)
+                order = block_shuffle(len(self.ds), *self.shuffle_blocks, generator=gen)
+                if subset is not None:  # keep the chunk-aware order, restricted to the subset
+                    keep = torch.zeros(len(self.ds), dtype=torch.bool)
+                    keep[subset] = True
+                    order = order[keep[order]]
             else:
                 order = torch.randperm(n, generator=gen)
+                order = order if subset is None else subset[order]
         else:
-            order = torch.arange(n)
+            order = torch.arange(n) if subset is None else subset
         if self.world_size > 1:
             per_rank = n // self.world_size if self.train else -(-n // self.world_size)
             order = order[self.rank :: self.world_size][:per_rank]
@@ -158,7 +184,7 @@ class DeviceLoader:
 
     def _finish(self, index: torch.Tensor, images: torch.Tensor, gen: torch.Generator) -> Batch:
         """Look up labels and side data, run crop/flip on all of them, convert images to float."""
-        side = {name: self._side(src, index) for name, src in self.side.items()}
+        side = {name: self._side(src, index, images) for name, src in self.side.items()}
         if self.train and (self.pad or self.flip):
             params = sample_crop_flip(len(index), pad=self.pad, flip=self.flip, generator=gen, device=self.device)
             images = apply_crop_flip(images, params)
@@ -168,7 +194,9 @@ class DeviceLoader:
             floats = floats.contiguous(memory_format=torch.channels_last)
         return Batch(floats, self.labels[index], index, side)
 
-    def _side(self, src: SideSource, index: torch.Tensor) -> torch.Tensor:
+    def _side(self, src: SideSource, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(src, FromImages):
+            return src.fn(images).to(self.device)
         if callable(src) and not isinstance(src, torch.Tensor):
             return src(index).to(self.device)
         return src[index.to(src.device)].to(self.device)

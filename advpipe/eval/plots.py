@@ -57,21 +57,30 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
 
 
 def plot_robustness_bars(run_names: Sequence[str], labels: Sequence[str], values: Sequence[Sequence[float | None]],
-                         path: str | Path, *, ylabel: str = "robustness score R", title: str = "") -> Path:
+                         path: str | Path, *, ylabel: str = "robustness score R", title: str = "",
+                         intervals: Sequence[Sequence[tuple[float, float] | None]] | None = None,
+                         reference: float | None = 1.0) -> Path:
     """Grouped bar chart: one group per perturbation (``labels``), one bar per run; return ``path``.
 
-    ``values[i][j]`` is run ``i``'s value for perturbation ``j`` (None draws no bar).
+    ``values[i][j]`` is run (or row) ``i``'s value for column ``j`` (None draws no bar);
+    ``intervals[i][j]`` an optional (low, high) error bar; ``reference`` a dashed horizontal line.
     """
     n_runs = max(len(run_names), 1)
     fig, (ax,) = _figure(max(6.0, 0.55 * len(labels) * n_runs + 2), 4.5)
     width = 0.8 / n_runs
     for i, name in enumerate(run_names):
-        xs = [j + (i - (n_runs - 1) / 2) * width for j, v in enumerate(values[i]) if v is not None]
-        ys = [v for v in values[i] if v is not None]
+        cols = [j for j, v in enumerate(values[i]) if v is not None]
+        xs = [j + (i - (n_runs - 1) / 2) * width for j in cols]
+        ys = [values[i][j] for j in cols]
         ax.bar(xs, ys, width=width, label=name)
+        if intervals is not None:
+            spans = [intervals[i][j] for j in cols]
+            err = [[y - s[0] if s else 0 for y, s in zip(ys, spans)], [s[1] - y if s else 0 for y, s in zip(ys, spans)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=3)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linewidth=0.8, linestyle="--")
     ax.grid(axis="y", alpha=0.3)
     if run_names:
         ax.legend(fontsize=8)

@@ -22,6 +22,7 @@ import yaml
 
 from advpipe import __version__
 from advpipe.errors import AdvpipeError
+from advpipe.eval import seed_report
 from advpipe.eval.plots import plot_robustness_bars, plot_training_curves
 from advpipe.eval.run import EVAL_FILENAME
 from advpipe.utils import atomic_write_text, check_writable_dir
@@ -30,6 +31,7 @@ REPORT_FILENAME = "report.md"
 CURVES_FILENAME = "curves.png"
 BARS_FILENAME = "robustness.png"
 CSV_FILENAME = "report.csv"
+AGGREGATE_JSON, AGGREGATE_CSV, AGGREGATE_PNG = "aggregates.json", "aggregates.csv", "aggregates.png"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ReportConfig:
     csv: bool = False
     force: bool = False
     baseline: str | None = None
+    cam: int = 0  # Grad-CAM grid of the first N test images for every run (advpipe.eval.cam); 0 = none
 
 
 @dataclass
@@ -237,7 +240,7 @@ def _score(v: float) -> str:
 
 
 def render_markdown(runs: Sequence[RunRecord], columns: Sequence[Column], *, baseline: RunRecord | None,
-                    warnings: Sequence[str], images: Sequence[tuple[str, str]]) -> str:
+                    warnings: Sequence[str], images: Sequence[tuple[str, str]], aggregate: Sequence[str] = ()) -> str:
     """The whole report.md text."""
     first = runs[0].result["data"]
     out = [
@@ -250,6 +253,8 @@ def render_markdown(runs: Sequence[RunRecord], columns: Sequence[Column], *, bas
     ]
     for warning in warnings:
         out += [f"> **Warning:** {warning}", ""]
+    if aggregate:
+        out += [*aggregate, ""]
     out += ["## Runs", "", "| Run | Model | Method | Epoch | Checkpoint sha256 | Evaluated | Folder |",
             "|---|---|---|---:|---|---|---|"]
     for run in runs:
@@ -318,6 +323,19 @@ def render_csv(runs: Sequence[RunRecord], columns: Sequence[Column]) -> str:
 # --------------------------------------------------------------------------- the report
 
 
+def _write_aggregates(rows: Sequence[seed_report.Row], base: seed_report.Row | None, out_dir: Path) -> list[Path]:
+    """aggregates.json, aggregates.csv and the bar chart with 95% intervals."""
+    atomic_write_text(out_dir / AGGREGATE_JSON, json.dumps(seed_report.to_json(rows, base), indent=2) + "\n")
+    atomic_write_text(out_dir / AGGREGATE_CSV, seed_report.to_csv(rows))
+    metrics = seed_report.metric_names(rows)
+    values = [[100 * r.summaries[m].mean if m in r.summaries else None for m in metrics] for r in rows]
+    spans = [[(100 * r.summaries[m].ci_low, 100 * r.summaries[m].ci_high)
+              if m in r.summaries and r.summaries[m].ci_low is not None else None for m in metrics] for r in rows]
+    png = plot_robustness_bars([r.label for r in rows], metrics, values, out_dir / AGGREGATE_PNG, ylabel="top-1 (%)",
+                               title="Mean over seeds, 95% interval", intervals=spans, reference=None)
+    return [out_dir / AGGREGATE_JSON, out_dir / AGGREGATE_CSV, png]
+
+
 def build_report(cfg: ReportConfig) -> ReportResult:
     """Load the runs, check they are comparable, and write report.md, the PNG plots and optionally CSV."""
     if not cfg.runs:
@@ -328,12 +346,17 @@ def build_report(cfg: ReportConfig) -> ReportResult:
                           for p in paths])
     runs = [load_run(p, n) for p, n in zip(paths, names)]
     warnings = check_fingerprints(runs, force=cfg.force)
+    rows, base_row = seed_report.group_rows(runs, cfg.baseline)
+    # every comparison of configured runs gets the seed table (one-seed rows say n=1, no interval)
+    aggregated = len(runs) > 1 and all(r.config for r in runs)
     baseline = None
     if cfg.baseline is not None:
-        matches = [r for r in runs if r.name == cfg.baseline or str(r.folder) == cfg.baseline]
-        if not matches:
-            raise AdvpipeError(f"--baseline {cfg.baseline!r} is none of the runs: {', '.join(r.name for r in runs)}")
-        baseline = matches[0]
+        matches = [r for r in runs if cfg.baseline in (r.name, str(r.folder))] or \
+            [r for r in runs if r.config.get("aug") == cfg.baseline]
+        if not matches and base_row is None:
+            raise AdvpipeError(f"--baseline {cfg.baseline!r} is none of the runs ({', '.join(r.name for r in runs)})"
+                               f" nor of the rows ({', '.join(r.label for r in rows)})")
+        baseline = matches[0] if matches else None
     out_dir = check_writable_dir(cfg.out, "--out folder")
     columns = report_columns(runs)
     files: list[Path] = []
@@ -348,7 +371,17 @@ def build_report(cfg: ReportConfig) -> ReportResult:
         files.append(plot_robustness_bars([r.name for r in runs], [c.label for c in perturbations], values,
                                           out_dir / BARS_FILENAME, title="Robustness score R = A_perturbed / A_clean"))
         images.append(("Robustness scores", BARS_FILENAME))
-    markdown = render_markdown(runs, columns, baseline=baseline, warnings=warnings, images=images)
+    if cfg.cam:
+        from advpipe.eval.cam import CAM_FILENAME, save_run_cams
+
+        files.append(save_run_cams([(r.name, r.folder, r.result) for r in runs], cfg.cam, out_dir / CAM_FILENAME))
+        images.append((f"Grad-CAM of the first {cfg.cam} test images per run", CAM_FILENAME))
+    section: list[str] = []
+    if aggregated:
+        section = seed_report.render_markdown(rows, base_row)
+        files += _write_aggregates(rows, base_row, out_dir)
+        images.insert(0, ("Across seeds: mean with 95% interval", AGGREGATE_PNG))
+    markdown = render_markdown(runs, columns, baseline=baseline, warnings=warnings, images=images, aggregate=section)
     atomic_write_text(out_dir / REPORT_FILENAME, markdown)
     files.insert(0, out_dir / REPORT_FILENAME)
     if cfg.csv:

@@ -21,6 +21,27 @@ from advpipe.errors import AdvpipeError
 from advpipe.utils import atomic_write_bytes
 
 FORMAT = "advpipe-checkpoint/1"
+#: checkpoints shipped inside the package, selected as ``builtin:<name>`` (see docs/training.md)
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_checkpoints() -> list[str]:
+    """Names of the checkpoints shipped in the package (``builtin:<name>``)."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """The file a checkpoint argument names: a path, or ``builtin:<name>`` for a shipped checkpoint."""
+    text = str(spec)
+    if not text.startswith(BUILTIN_PREFIX):
+        return Path(spec)
+    name = text[len(BUILTIN_PREFIX):]
+    path = BUILTIN_DIR / f"{name}.pt"
+    if name not in builtin_checkpoints():
+        raise AdvpipeError(f"unknown built-in checkpoint {text!r}; choose one of: "
+                           f"{', '.join(BUILTIN_PREFIX + n for n in builtin_checkpoints()) or '(none shipped)'}")
+    return path
 
 
 @dataclass
@@ -40,6 +61,8 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     method: str = "standard"
     state: dict[str, Any] = field(default_factory=dict)
+    #: free provenance (recipe, commit, ...) of a published checkpoint; optional in the file
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
@@ -60,6 +83,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "method": ckpt.method,
         "model_state": ckpt.model_state,
         "state": ckpt.state,
+        "info": ckpt.info,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -67,8 +91,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and validate an advpipe checkpoint; anything else raises AdvpipeError."""
-    path = Path(path)
+    """Read and validate an advpipe checkpoint (a path or ``builtin:<name>``); anything else raises AdvpipeError."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise AdvpipeError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -93,6 +117,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             config=_typed(payload, "config", dict),
             method=_typed(payload, "method", str),
             state=_typed(payload, "state", dict),
+            info=_typed({"info": payload.get("info", {})}, "info", dict),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: {exc}") from None

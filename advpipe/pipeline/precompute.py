@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,9 +33,10 @@ import torch
 from torch import nn
 
 from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
-from advpipe.data.datasets import DatasetSplit, load_dataset
+from advpipe.cluster import dask_cluster, plan_local_workers
+from advpipe.data.datasets import DatasetSplit, dataset_family, load_dataset
 from advpipe.errors import AdvpipeError
-from advpipe.models.checkpoint import Checkpoint, load_checkpoint
+from advpipe.models.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from advpipe.pipeline.codecs import METRICS
 from advpipe.pipeline.store import (
     DEFAULT_CHUNK_SIZE,
@@ -168,7 +168,7 @@ def default_checkpoint(data: str, model: str) -> Path:
 
 def _find_checkpoint(cfg: PrecomputeConfig) -> Path:
     if cfg.checkpoint is not None:
-        return Path(cfg.checkpoint)
+        return resolve_checkpoint(cfg.checkpoint)
     if cfg.model is None:
         raise AdvpipeError("pass --model (to use the trained run's best.pt) or --checkpoint PATH")
     path = default_checkpoint(cfg.data, cfg.model)
@@ -366,136 +366,11 @@ def run_chunk(job: ChunkJob, writer: MaskStoreWriter, index: int) -> ChunkOutcom
 # --------------------------------------------------------------------------- clusters
 
 
-_WORKER_START_TIMEOUT = 180
-
-
-def _visible_gpus() -> list[str]:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [v.strip() for v in visible.split(",") if v.strip()]
-    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def plan_local_workers(device: str, workers: int | None) -> tuple[int, list[str] | None, str]:
-    """Return (worker processes, GPU id per worker or None, device string the workers use) for a local cluster.
-
-    CPU: ``workers`` processes (default 1). ``auto``/``cuda`` with GPUs: one worker per visible GPU
-    by default, worker i sees only GPU i (mod the count) through CUDA_VISIBLE_DEVICES and uses
-    ``cuda``. ``cuda:N``: every worker sees only GPU N.
-    """
-    resolved = resolve_device(device)
-    if resolved.type != "cuda":
-        return (workers or 1), None, "cpu"
-    gpus = _visible_gpus()
-    if not gpus:
-        raise AdvpipeError("CUDA is available but CUDA_VISIBLE_DEVICES lists no GPU")
-    if resolved.index is not None:
-        if resolved.index >= len(gpus):
-            raise AdvpipeError(f"--device {device}: only {len(gpus)} GPU(s) are visible")
-        gpus = [gpus[resolved.index]]
-        return (workers or 1), gpus, "cuda"
-    n = workers or len(gpus)
-    return n, [gpus[i % len(gpus)] for i in range(n)], "cuda"
-
-
-def _worker_threads(n_workers: int) -> str:
-    # dask's nanny sets OMP_NUM_THREADS=1 in every worker; a lone CPU worker would then use one core.
-    # An explicit OMP_NUM_THREADS in our environment wins (tests pin it for bit-identical results).
-    return os.environ.get("OMP_NUM_THREADS") or str(max(1, _cpu_count() // n_workers))
-
-
-def _start_local_cluster(n_workers: int, gpus: list[str] | None) -> Any:
-    """Start a LocalCluster of ``n_workers`` single-threaded worker processes (spawned), GPU-pinned if asked."""
-    from distributed import LocalCluster
-
-    threads = _worker_threads(n_workers)
-    # memory_limit <= 1 is a fraction of the machine's memory: an equal share per worker, as LocalCluster gives.
-    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
-                           memory_limit=1 / n_workers)
-    template = cluster.new_spec
-    for i in range(n_workers):
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        if gpus is not None:
-            # Each worker process sees one GPU as cuda:0, so no process ever opens a context on another GPU.
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
-        cluster.worker_spec[i] = {"cls": template["cls"], "options": {**template["options"], "env": env}}
-    cluster.scale(n_workers)
-    return cluster
-
-
-def _connect(cfg: PrecomputeConfig) -> tuple[Any, Any, str]:
-    """Return (client, cluster or None, device string for the workers)."""
-    from distributed import Client
-
-    if cfg.scheduler is not None:
-        try:
-            client = Client(cfg.scheduler, timeout="30s")
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise AdvpipeError(f"cannot reach the dask scheduler at {cfg.scheduler}: {exc}") from None
-        try:
-            client.wait_for_workers(1, timeout=120)
-        except TimeoutError:
-            client.close()
-            raise AdvpipeError(f"no dask worker joined the scheduler at {cfg.scheduler} within 120 s") from None
-        return client, None, cfg.device
-    n_workers, gpus, worker_device = plan_local_workers(cfg.device, cfg.workers)
-    cluster = _start_local_cluster(n_workers, gpus)
-    client = Client(cluster)
-    try:
-        client.wait_for_workers(n_workers, timeout=_WORKER_START_TIMEOUT)
-    except (TimeoutError, OSError):  # distributed's WorkerStartTimeoutError is a TimeoutError
-        client.close()
-        cluster.close()
-        raise AdvpipeError(f"the local dask workers did not start within {_WORKER_START_TIMEOUT} s; run with "
-                           "--workers 0 to see the error in this process") from None
-    log.info("started a local dask cluster with %d worker(s) at %s", n_workers, cluster.scheduler_address)
-    return client, cluster, worker_device
-
-
-@contextlib.contextmanager
-def _dask_log_level(level: int) -> Iterator[None]:
-    """Raise the ``distributed`` loggers to ``level`` for a while (their INFO chatter would bury the progress bar)."""
-    logger = logging.getLogger("distributed")
-    old = logger.level
-    logger.setLevel(max(level, old))
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
-@contextlib.contextmanager
-def _dask_session() -> Iterator[None]:
-    """Quiet dask's logs and start worker processes with spawn while a run's cluster lives."""
-    import dask
-
-    # spawn is dask's default, but a user config could say fork: a forked worker would inherit
-    # zarr's event-loop thread and torch's thread pools in a broken state and can deadlock.
-    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}), _dask_log_level(logging.WARNING):
-        yield
-
-
 @contextlib.contextmanager
 def _cluster(cfg: PrecomputeConfig) -> Iterator[tuple[Any, str]]:
     """Yield (client, device string for the workers) of the run's dask cluster, and close it afterwards."""
-    with _dask_session():
-        client, cluster, worker_device = _connect(cfg)
-        try:
-            yield client, worker_device
-        finally:
-            # Closing kills workers that are slow to exit (torch unloads slowly); every result is in
-            # by then, so those warnings are noise.
-            with _dask_log_level(logging.ERROR):
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+    with dask_cluster(cfg.scheduler, cfg.device, cfg.workers) as pair:
+        yield pair
 
 
 def _run_dask(client: Any, job: ChunkJob, writer: MaskStoreWriter, pending: list[int],
@@ -538,7 +413,7 @@ def _clean_accuracy(ckpt: Checkpoint, cfg: PrecomputeConfig, path: Path) -> floa
 def _check_fits(ckpt: Checkpoint, ds: DatasetSplit, path: Path, cfg: PrecomputeConfig, warnings: list[str]) -> None:
     if cfg.model is not None and ckpt.arch != cfg.model:
         raise AdvpipeError(f"{path} holds a {ckpt.arch} model, but --model is {cfg.model}")
-    if ckpt.dataset != cfg.data:
+    if dataset_family(ckpt.dataset) != dataset_family(cfg.data):
         raise AdvpipeError(f"{path} was trained on {ckpt.dataset}, not on {cfg.data}; pass --data {ckpt.dataset} "
                            "or a checkpoint trained on this dataset")
     if ds.num_classes != ckpt.num_classes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,7 @@ class TrainConfig:
     data: str = "embedded"
     data_dir: str | None = None
     limit: int | None = None
+    val_size: int | None = None
     image_size: int | None = None
     download: bool = False
     model: str = "resnet20"
@@ -30,6 +32,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     milestones: tuple[float, ...] = (0.5, 0.75)
@@ -42,6 +45,9 @@ class TrainConfig:
     workers: int = 2
     resume: bool = False
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def run_dir(self) -> Path:
         """The run folder: ``--out`` or ``runs/<data>/<model>/<aug>/``."""
@@ -111,13 +117,26 @@ def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any])
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
     if "milestones" in values:
         values["milestones"] = tuple(float(m) for m in values["milestones"])
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    return cfg
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:  # a wrong key is refused by read_config_file; this is a wrong kind of value
+        raise AdvpipeError(f"bad training option: {exc}") from exc
 
 
 def validate(cfg: TrainConfig) -> None:
     """Refuse values that cannot make a run, with a message naming the option."""
+    for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdvpipeError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+    for name in ("epochs", "batch_size", "seed"):
+        if isinstance(getattr(cfg, name), bool) or not isinstance(getattr(cfg, name), int):
+            raise AdvpipeError(f"--{name.replace('_', '-')} must be an integer, got {getattr(cfg, name)!r}")
+    if cfg.val_size is not None and (isinstance(cfg.val_size, bool) or not isinstance(cfg.val_size, int)
+                                     or cfg.val_size < 1):
+        raise AdvpipeError(f"--val-size must be a positive number of samples, got {cfg.val_size!r}")
+    if cfg.momentum < 0 or cfg.weight_decay < 0:
+        raise AdvpipeError(f"--momentum and --weight-decay must be >= 0, got {cfg.momentum} and {cfg.weight_decay}")
     if cfg.epochs < 1:
         raise AdvpipeError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.batch_size < 1:

@@ -22,6 +22,7 @@ from advpipe import progress
 from advpipe.augment.base import AugmentContext, build_augment
 from advpipe.data.datasets import DatasetSplit, load_dataset
 from advpipe.data.loader import DeviceLoader, epoch_seed
+from advpipe.data.split import HoldOut, hold_out
 from advpipe.errors import AdvpipeError
 from advpipe.eval.accuracy import autocast_context, evaluate_accuracy
 from advpipe.models.build import build_model
@@ -71,9 +72,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
     train_ds = load_dataset(cfg.data, "train", data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size,
                             download=cfg.download)
     test_ds = load_dataset(cfg.data, "test", data_dir=cfg.data_dir, image_size=cfg.image_size, download=cfg.download)
-    if cfg.batch_size * info.world_size > len(train_ds):
+    holdout = hold_out(len(train_ds), cfg.val_size, cfg.seed, train_ds.fingerprint) if cfg.val_size else None
+    n_train = len(train_ds) if holdout is None else len(holdout.train)
+    if cfg.batch_size * info.world_size > n_train:
         raise AdvpipeError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is larger than the training "
-                           f"set ({len(train_ds)} samples)")
+                           f"set ({n_train} samples)")
 
     size = train_ds.image_shape[1:]
     augment = _build(build_augment, aug_name, AugmentContext(cfg.data, size, train_ds.num_classes, train_ds.mean,
@@ -84,16 +87,21 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     side = side_sources(augment.needs_side, cfg, train_ds, device)
+    side.update(getattr(augment, "own_side", {}))  # side data the augmentation derives itself (CP's corners)
 
     run_dir = _prepare_run_dir(cfg, info)
     # --batch-size is per process: with N processes each step sees N x batch-size samples
     loader = DeviceLoader(train_ds, batch_size=cfg.batch_size, device=device, train=True, seed=cfg.seed,
-                          side=side, workers=cfg.workers, rank=info.rank, world_size=info.world_size)
+                          side=side, workers=cfg.workers, rank=info.rank, world_size=info.world_size,
+                          indices=None if holdout is None else holdout.train)
+    val_loader = None if holdout is None else DeviceLoader(
+        train_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False, workers=cfg.workers,
+        rank=info.rank, world_size=info.world_size, indices=holdout.val)
     test_loader = DeviceLoader(test_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False,
                                workers=cfg.workers, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(loader)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=False)
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
                                 int(cfg.warmup_epochs * steps_per_epoch), cfg.milestones, cfg.gamma)
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
@@ -142,6 +150,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
         elapsed = time.perf_counter() - started
         test = evaluate_accuracy(model, test_loader, test_ds.num_classes, precision=precision,
                                  description="test", total=len(test_loader), reduce=lambda t: all_reduce_sum(t, info))
+        val = None if val_loader is None else evaluate_accuracy(
+            model, val_loader, test_ds.num_classes, precision=precision, description="val", total=len(val_loader),
+            reduce=lambda t: all_reduce_sum(t, info))
         keys = sorted(sums)
         totals = all_reduce_sum(torch.stack([torch.as_tensor(float(sums[k])) for k in keys]
                                             + [torch.as_tensor(float(correct)), torch.as_tensor(float(seen))]).to(device), info).cpu()
@@ -151,20 +162,23 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
             **{f"train_{k}": float(v) / world_steps for k, v in zip(keys, totals[: len(keys)])},
             "train_acc": float(totals[-2] / totals[-1]) if float(totals[-1]) else None,
             "test_acc": test["top1"],
+            **({} if val is None else {"val_acc": val["top1"]}),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed,
             "images_per_s": world_steps * cfg.batch_size / elapsed,
             **{f"aug_{k}": v for k, v in augment.epoch_metrics().items()},
             **{f"method_{k}": v for k, v in method.epoch_metrics().items()},
         }
-        is_best = test["top1"] > best
-        best = max(best, test["top1"])
+        # best.pt is chosen on the held-out validation split when there is one (never on test then)
+        score = test["top1"] if val is None else val["top1"]
+        is_best = score > best
+        best = max(best, score)
         if not info.is_main:
             barrier(info)  # rank 0 writes the checkpoint; the others wait so a crash never splits the run
             continue
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(last) + "\n")
-        ckpt = _checkpoint(cfg, train_ds, model, method, method_name, epoch + 1, {**last, "best_test_acc": best,
+        ckpt = _checkpoint(cfg, train_ds, model, method, method_name, epoch + 1, {**last, **_selection(best, holdout),
                                                                           "test_per_class": test["per_class"]})
         ckpt.state = {"model": _cpu_state(unwrap(model)), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "best": best}
@@ -177,6 +191,13 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
         log.info("epoch %d: %s", epoch + 1, last)
         barrier(info)
     return TrainResult(run_dir, last, best, unwrap(model))
+
+
+def _selection(best: float, holdout: HoldOut | None) -> dict[str, Any]:
+    """How best.pt is chosen: on the validation split (named by its fingerprint) or, without one, on test."""
+    if holdout is None:
+        return {"best_on": "test", "best_test_acc": best}
+    return {"best_on": "val", "best_val_acc": best, "val_size": len(holdout.val), "val_fingerprint": holdout.fingerprint}
 
 
 def _build(factory, name: str, ctx, options, field_name: str):

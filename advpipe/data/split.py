@@ -1,0 +1,40 @@
+"""A validation split held out of the training split: fixed by seed, fingerprinted.
+
+The held-out samples keep their dataset indices, so per-sample side data (attack masks) still
+lines up; the loader is simply restricted to the remaining indices (``DeviceLoader(indices=...)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from advpipe.data.loader import epoch_seed
+from advpipe.errors import AdvpipeError
+
+#: the random stream of the validation draw, apart from the loader's and the augmentations' streams
+_VAL_STREAM = 97
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """Training and validation dataset indices (sorted) and a fingerprint naming the split."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    fingerprint: str
+
+
+def hold_out(n: int, val_size: int, seed: int, data_fingerprint: str) -> HoldOut:
+    """Hold ``val_size`` of ``n`` samples out, drawn by ``seed``; the fingerprint covers the data and the draw."""
+    if not 0 < val_size < n:
+        raise AdvpipeError(f"val_size must be between 1 and {n - 1} (the training split has {n} samples), "
+                           f"got {val_size}")
+    gen = torch.Generator().manual_seed(epoch_seed(seed, 0, stream=_VAL_STREAM))
+    perm = torch.randperm(n, generator=gen)
+    val, train = perm[:val_size].sort().values, perm[val_size:].sort().values
+    h = hashlib.sha256(f"advpipe-val1|{data_fingerprint}|{n}|".encode())
+    h.update(val.numpy().astype("<i8").tobytes())
+    return HoldOut(train, val, "sha256:" + h.hexdigest())

@@ -1,0 +1,1 @@
+"""``advpipe study``: grids of training runs, run on dask, resumable, aggregated across seeds."""
