@@ -627,3 +627,16 @@ def test_adversarial_methods_are_more_robust_to_pgd_than_plain_training() -> Non
         clean, robust = _robust_accuracy(task, name, options)
         assert clean > 0.85, name
         assert robust > robust_plain + 0.08, (name, robust, robust_plain)
+
+
+def test_pgd_at_trains_on_the_pgd_examples_only() -> None:
+    from advpipe.attacks.dense import pgd
+
+    method = build_method("pgd-at", CTX, eps="8/255", steps=3, step_size="2/255")
+    model, batch = _model().eval(), _batch()
+    out = method.step(model, batch, torch.Generator().manual_seed(3))
+    x_adv = pgd(model, batch.images, batch.labels, eps=8 / 255, steps=3, step_size=2 / 255, random_start=True,
+                generator=torch.Generator().manual_seed(3))
+    expected = torch.nn.functional.cross_entropy(model(x_adv), batch.labels)
+    torch.testing.assert_close(out["loss"], expected)
+    assert (x_adv - batch.images).abs().max() <= 8 / 255 + 1e-6
