@@ -180,3 +180,50 @@ def test_train_with_advmask_streams_masks_and_logs_rates(ds, store_path, tmp_pat
     assert 0.05 < lines[1]["aug_mean_masked_ratio"] <= 0.4 + 1e-6 and "aug_fallback_rate" in lines[1]
     after = {p.name: p.read_bytes() for p in sorted(store_path.rglob("*")) if p.is_file()}
     assert before == after  # the store is never modified
+
+
+def test_a_pinned_store_streams_only_the_content_it_was_pinned_to(ds, store_path, tmp_path):
+    from advpipe.pipeline.manifest import MANIFEST_KEY, digest_of
+
+    digest = digest_of((store_path / MANIFEST_KEY).read_bytes())  # written when the store was finalized
+    source = attack_mask_source(f"{store_path}#sha256={digest[7:]}", ds, torch.device("cpu"))
+    assert torch.equal(source(torch.arange(len(ds))), torch.from_numpy(fake_masks(ds)))
+    with pytest.raises(AdvpipeError, match=f"differs from the pinned sha256:{'0' * 64}"):
+        attack_mask_source(f"{store_path}#sha256={'0' * 64}", ds, torch.device("cpu"))
+    # other masks of the same shape, written back with valid checksums: refused by the pin only
+    import shutil
+
+    import zarr
+
+    forged = tmp_path / "forged.zarr"
+    shutil.copytree(store_path, forged)
+    group = zarr.open_group(str(forged), mode="r+")
+    group["masks"][0:64] = ~group["masks"][0:64]
+    assert isinstance(attack_mask_source(str(forged), ds, torch.device("cpu")), ResidentMasks)
+    with pytest.raises(AdvpipeError, match=rf"object 'masks/c/0/0/0' differs from manifest {digest} \(pinned\)"):
+        attack_mask_source(f"{forged}#sha256={digest[7:]}", ds, torch.device("cpu"))
+
+
+def test_a_pinned_store_proves_its_flags_and_hashes_without_reading_them(ds, store_path, monkeypatch):
+    from advpipe.pipeline.manifest import MANIFEST_KEY, digest_of
+    from advpipe.pipeline.store import MaskStore
+
+    digest = digest_of((store_path / MANIFEST_KEY).read_bytes())
+    reads = []
+    original = MaskStore._read
+    monkeypatch.setattr(MaskStore, "_read", lambda self, name, *a: reads.append(name) or original(self, name, *a))
+    attack_mask_source(f"{store_path}#sha256={digest[7:]}", ds, torch.device("cpu"))
+    # the pinned manifest lists the objects that "all done" and these images' hashes encode to
+    assert reads == ["masks"]
+    reads.clear()
+    attack_mask_source(str(store_path), ds, torch.device("cpu"))  # unpinned: read and compared
+    assert reads == ["chunk_done", "sample_hash", "masks"]
+    import dataclasses
+
+    other = dataclasses.replace(ds, images=ds.images.clone())
+    other.images[5, 0, 0, 0] ^= 1
+    other.__dict__["fingerprint"] = ds.fingerprint  # same claimed data, one image differs
+    reads.clear()
+    with pytest.raises(AdvpipeError, match="1 samples do not match the data by content hash"):
+        open_for_training(f"{store_path}#sha256={digest[7:]}", other)
+    assert reads == ["sample_hash"]  # the proof failed, so the hashes were read and compared

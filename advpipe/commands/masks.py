@@ -1,4 +1,5 @@
-"""``advpipe masks``: look at, check and draw a mask store (``info``, ``verify``, ``report``, ``show``)."""
+"""``advpipe masks``: look at, check, draw and share a mask store (``info``, ``verify``, ``report``, ``show``,
+``publish``, ``pull``, ``pack``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from advpipe.cli import DataDirOpt, app, out
 from advpipe.cli_util import echo, user_errors
 from advpipe.errors import AdvpipeError
 
-masks_app = typer.Typer(help="Inspect, verify and draw mask stores.", no_args_is_help=True)
-app.add_typer(masks_app, name="masks", help="Inspect a mask store: provenance, verification, Table III, mask grid.")
+masks_app = typer.Typer(help="Inspect, verify, draw and share mask stores.", no_args_is_help=True)
+app.add_typer(masks_app, name="masks", help="Inspect and share a mask store: provenance, verification, Table III, "
+              "mask grid, publish, pull, pack.")
 
-StoreArg = typer.Argument(..., help="Mask store path or URL (http(s)://, s3://, ...).")
+StoreArg = typer.Argument(..., help="Mask store: a folder, a .zip or a URL (http(s)://, s3://, ...), optionally "
+                          "pinned as STORE#sha256=HEX.")
+StorageOpt = typer.Option(None, "--storage-option", help="KEY=VALUE fsspec option for a URL, e.g. "
+                          "endpoint_url=http://127.0.0.1:9000 or anon=true (repeatable; a.b=V nests).")
+DigestOpt = typer.Option(None, "--digest", help="Refuse the store unless its content digest is this sha256:... "
+                         "(as `advpipe masks info` shows).")
 #: exit code of ``masks verify`` when the store has problems (bad input is 2, like every command)
 EXIT_PROBLEMS = 1
 
@@ -66,19 +73,50 @@ def _add_mapping(node: Tree, mapping: dict[str, Any]) -> None:
             node.add(f"{key}: {value}")
 
 
-@masks_app.command("info")
-@user_errors
-def info(store: str = StoreArg) -> None:
-    """Show a store's provenance (dataset, model, attack, versions) and its summary."""
-    from advpipe.pipeline.report import store_summary
+def _open(store: str, storage_option: Optional[list[str]], digest: Optional[str]) -> Any:
+    from advpipe.pipeline.remote import parse_storage_options
     from advpipe.pipeline.store import open_store
 
-    s = open_store(store)
+    return open_store(store, storage_options=parse_storage_options(storage_option), digest=digest)
+
+
+def _published_line(s: Any) -> Optional[str]:
+    """Describe the completion marker ``advpipe masks publish`` wrote, if the store has one."""
+    import json
+
+    from advpipe.pipeline.manifest import PUBLISHED_KEY
+
+    raw = s.location.read(PUBLISHED_KEY, 1 << 16) if not s.location.is_zip else None
+    try:
+        marker = json.loads(raw) if raw else None
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict):
+        return None
+    same = "" if marker.get("digest") == s.digest else f" [red]for another digest {str(marker.get('digest'))[:80]}[/red]"
+    return f"published {str(marker.get('published'))[:40]} with advpipe {str(marker.get('advpipe'))[:20]}{same}"
+
+
+@masks_app.command("info")
+@user_errors
+def info(store: str = StoreArg, storage_option: Optional[list[str]] = StorageOpt,
+         digest: Optional[str] = DigestOpt) -> None:
+    """Show a store's provenance (dataset, model, attack, versions), content digest and summary."""
+    from advpipe.pipeline.report import store_summary
+
+    s = _open(store, storage_option, digest)
     prov = s.provenance
     done = s.chunk_done()
-    tree = Tree(f"[bold]mask store[/bold] {s.location.root}")
+    tree = Tree(f"[bold]mask store[/bold] {s.location.root}{' (zip)' if s.location.is_zip else ''}")
     status = prov["status"] + (f" (completed {prov['completed']})" if prov.get("completed") else "")
     tree.add(f"format: {prov['format']}, status: {status}, created {prov['created']}")
+    if s.manifest is not None:
+        pinned = ", pinned" if s.manifest.pinned else ""
+        tree.add(f"manifest: {len(s.manifest.objects)} objects, {s.manifest.total_bytes:,} bytes{pinned}")
+        if (line := _published_line(s)) is not None:
+            tree.add(line)
+    else:
+        tree.add("manifest: none (a finished precompute or `advpipe masks publish` writes one)")
     ds = prov["dataset"]
     tree.add(f"dataset: {ds['name']}/{ds['split']}, n={ds['n']}, image {tuple(ds['image_shape'])}, "
              f"fingerprint {ds['fingerprint']}")
@@ -93,6 +131,7 @@ def info(store: str = StoreArg) -> None:
     if resumed:
         tree.add(f"resumed {len(resumed)} time(s), last at {resumed[-1].get('time')}")
     out.print(tree)
+    echo(f"content digest: {s.digest or 'none'}")  # one unbroken line, to copy into --masks-digest
     summary, counted = store_summary(s)
     if summary is None:
         echo("no chunk is done yet")
@@ -112,21 +151,28 @@ def verify(
     split: Optional[str] = typer.Option(None, "--split", help="Split to check against (default: the store's)."),
     data_dir: Optional[str] = DataDirOpt,
     limit: Optional[int] = typer.Option(None, "--limit", help="First N samples of the split (default: the store's n)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    digest: Optional[str] = DigestOpt,
 ) -> None:
-    """Check completeness, layout, checksums and summary (and the data, with --data); exit 1 on any problem."""
+    """Check completeness, layout, checksums, summary and manifest (and the data, with --data); exit 1 on any problem."""
     import numpy as np
 
+    from advpipe.pipeline.location import Location
+    from advpipe.pipeline.remote import parse_storage_options
     from advpipe.pipeline.report import load_store_data
-    from advpipe.pipeline.store import open_store, sample_hash, verify_store
+    from advpipe.pipeline.store import sample_hash, verify_store
     from advpipe.progress import track
 
+    options = parse_storage_options(storage_option)
     fingerprint = hashes = None
     against = ""
+    try:
+        s = _open(store, storage_option, digest)
+    except AdvpipeError as exc:
+        if str(exc).startswith(("cannot open mask store", "cannot read ", "cannot use ")):
+            raise  # not there, not allowed, not answering: bad input (exit 2), not a damaged store
+        _report_problems(store, [str(exc)])
     if data is not None or split is not None or limit is not None or data_dir is not None:
-        try:
-            s = open_store(store)
-        except AdvpipeError as exc:
-            _report_problems(store, [str(exc)])
         ds = load_store_data(s, data=data, split=split, data_dir=data_dir, limit=limit)
         fingerprint = ds.fingerprint
         step = 1000
@@ -134,15 +180,19 @@ def verify(
                  for i in track(range(0, len(ds), step), "hashing samples")]
         hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
         against = f" and matches {ds.name}/{ds.split} ({len(ds)} samples, fingerprint {fingerprint})"
+    kw = {"storage_options": options, "digest": digest}
     try:
-        problems = verify_store(store, fingerprint=fingerprint, sample_hashes=hashes)
+        problems = verify_store(store, fingerprint=fingerprint, sample_hashes=hashes, **kw)
     except AdvpipeError as exc:
         # The per-sample hash comparison reads the whole sample_hash array and raises if a chunk of
         # it is damaged; report that chunk through the structural check instead.
-        problems = verify_store(store, fingerprint=fingerprint) + [f"sample hashes could not be compared: {exc}"]
+        problems = verify_store(store, fingerprint=fingerprint, **kw) + [f"sample hashes could not be compared: {exc}"]
     if problems:
         _report_problems(store, problems)
-    echo(f"ok: {store} is complete and intact{against}")
+    manifest = Location(store, options, digest).load_manifest()
+    content = (f"; every object matches its manifest {manifest.digest}{' (pinned)' if manifest.pinned else ''}"
+               if manifest is not None else "; it has no manifest, so its content cannot be pinned")
+    echo(f"ok: {store} is complete and intact{against}{content}")
 
 
 def _report_problems(store: str, problems: list[str]) -> None:
@@ -154,12 +204,12 @@ def _report_problems(store: str, problems: list[str]) -> None:
 
 @masks_app.command("report")
 @user_errors
-def report(store: str = StoreArg) -> None:
+def report(store: str = StoreArg, storage_option: Optional[list[str]] = StorageOpt,
+           digest: Optional[str] = DigestOpt) -> None:
     """Print advmask.txt Table III for a store: ASR and mean/median l0 (elements, pixels), l2, l_inf."""
     from advpipe.pipeline.report import store_summary
-    from advpipe.pipeline.store import open_store
 
-    s = open_store(store)
+    s = _open(store, storage_option, digest)
     summary, counted = store_summary(s, recompute=True)
     if summary is None:
         raise AdvpipeError(f"{store} has no finished chunk yet; nothing to report")
@@ -179,18 +229,20 @@ def show(
     out_path: Path = typer.Option(Path("masks-grid.png"), "--out", help="PNG file to write."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset to take the images from (default: the store's)."),
     data_dir: Optional[str] = DataDirOpt,
+    storage_option: Optional[list[str]] = StorageOpt,
+    digest: Optional[str] = DigestOpt,
 ) -> None:
     """Draw images beside their attack masks: rows of images, masks, and images with the mask in red."""
     import numpy as np
     import torch
 
     from advpipe.pipeline.report import load_store_data
-    from advpipe.pipeline.store import open_store, sample_hash
+    from advpipe.pipeline.store import sample_hash
     from advpipe.viz import save_image_grid
 
     if n < 1:
         raise AdvpipeError(f"--n must be at least 1, got {n}")
-    s = open_store(store)
+    s = _open(store, storage_option, digest)
     if not 0 <= start < s.n:
         raise AdvpipeError(f"--start must be in [0, {s.n}), got {start}")
     ds = load_store_data(s, data=data, data_dir=data_dir)
@@ -223,3 +275,58 @@ def show(
                    ["success" if metrics["success"][i] else "failed" for i in sel]]
     save_image_grid(rows, out_path, row_titles=names, cell_titles=titles, title=_attack_label(s.provenance))
     echo(f"wrote {out_path}")
+
+
+@masks_app.command("publish")
+@user_errors
+def publish(
+    store: str = typer.Argument(..., help="The finished local store: a folder or a .zip from `advpipe masks pack`."),
+    url: str = typer.Argument(..., help="Where to publish it: s3://bucket/prefix/name.zarr or any fsspec URL."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever the destination holds."),
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Verify a store, upload it (data first, metadata and a completion marker last) and confirm the copy."""
+    from advpipe.pipeline.remote import parse_storage_options
+    from advpipe.pipeline.sharing import publish as run_publish
+
+    result = run_publish(store, url, storage_options=parse_storage_options(storage_option), overwrite=overwrite)
+    echo(f"published {store} to {url}: {result.objects} objects, {result.bytes:,} bytes in {result.seconds:.1f} s")
+    echo(f"content digest: {result.digest}")
+    echo(f"pin it: advpipe train --aug advmask --masks {url} --masks-digest {result.digest}")
+
+
+@masks_app.command("pull")
+@user_errors
+def pull(
+    url: str = typer.Argument(..., help="The store to copy: a URL (or path), optionally URL#sha256=HEX."),
+    dest: Optional[Path] = typer.Argument(None, help="Folder to create (default: the cache, keyed by digest)."),
+    digest: Optional[str] = DigestOpt,
+    storage_option: Optional[list[str]] = StorageOpt,
+) -> None:
+    """Download a store into a local folder, checking every object against its manifest; reruns resume or skip."""
+    from advpipe.pipeline.remote import parse_storage_options
+    from advpipe.pipeline.sharing import pull as run_pull
+
+    result = run_pull(url, dest, storage_options=parse_storage_options(storage_option), digest=digest)
+    if result.already:
+        echo(f"already pulled: {result.path} holds {result.digest}; nothing to do")
+    else:
+        resumed = f", {result.present} already there from an interrupted pull" if result.present else ""
+        echo(f"pulled {result.downloaded} objects ({result.bytes:,} bytes{resumed}) into {result.path}")
+        echo(f"content digest: {result.digest}")
+    echo(f"train from it: advpipe train --aug advmask --masks {result.path} --masks-digest {result.digest}")
+
+
+@masks_app.command("pack")
+@user_errors
+def pack(
+    store: str = typer.Argument(..., help="The finished local directory store."),
+    out: Path = typer.Argument(..., help="The single-file store to write (a .zip every command reads directly)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+) -> None:
+    """Write a verified store as one zarr ZipStore file with the same content digest."""
+    from advpipe.pipeline.sharing import pack as run_pack
+
+    result = run_pack(store, out, overwrite=overwrite)
+    echo(f"wrote {result.path}: {result.objects} objects, {result.bytes:,} bytes")
+    echo(f"content digest: {result.digest}")

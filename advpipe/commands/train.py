@@ -36,11 +36,14 @@ def train(
     data: Optional[str] = DataOpt,
     data_dir: Optional[str] = DataDirOpt,
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
+    val_size: Optional[int] = typer.Option(None, "--val-size", help="Hold N training samples out (drawn by --seed) and choose best.pt on them."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize folder images to this size."),
     download: Optional[bool] = typer.Option(None, "--download", help="Fetch CIFAR with torchvision (needs internet)."),
     model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `advpipe info`); default resnet20."),
     aug: Optional[str] = typer.Option(None, "--aug", help="AUGMENTATION, METHOD or AUGMENTATION+METHOD; default none."),
     masks: Optional[str] = typer.Option(None, "--masks", help="Mask store path or URL for --aug advmask."),
+    masks_digest: Optional[str] = typer.Option(None, "--masks-digest", help="Refuse the --masks store unless its content digest is this sha256:... (docs/sharing.md)."),
+    storage_option: Optional[list[str]] = typer.Option(None, "--storage-option", help="KEY=VALUE fsspec option for a --masks URL, e.g. endpoint_url=... (repeatable)."),
     aug_opt: Optional[list[str]] = typer.Option(None, "--aug-opt", help="KEY=VALUE option of the input augmentation (repeatable)."),
     advmask_l: Optional[str] = typer.Option(None, "--advmask-l", help="AdvMask square side range L_MIN,L_MAX (e.g. 2,15)."),
     advmask_p: Optional[str] = typer.Option(None, "--advmask-p", help="AdvMask masked-ratio range P_MIN,P_MAX (e.g. 0.2,0.4)."),
@@ -75,7 +78,13 @@ def train(
     for key, given in (("aug_options", aug_opt), ("method_options", method_opt)):
         if given:
             file_values[key] = {**file_values.get(key, {}), **parse_key_values(given, "--" + key[:-8].replace("_", "-") + "-opt")}
-    overrides = dict(data=data, data_dir=data_dir, limit=limit, image_size=image_size, download=download,
+    if masks_digest is not None:  # the pin travels in the masks string, so config.yaml records it
+        from advpipe.pipeline.remote import pin_location
+
+        if not (masks or file_values.get("masks")):
+            raise AdvpipeError("--masks-digest pins the store given with --masks; pass --masks too")
+        masks = pin_location(masks or file_values["masks"], masks_digest)
+    overrides = dict(data=data, data_dir=data_dir, limit=limit, val_size=val_size, image_size=image_size, download=download,
                      model=model, aug=aug, masks=masks, epochs=epochs, batch_size=batch_size, lr=lr,
                      weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, precision=precision,
                      out=out_dir, seed=seed, device=device, workers=workers,
@@ -86,12 +95,16 @@ def train(
     if shortcuts:
         file_values["aug_options"] = {**file_values.get("aug_options", {}), **shortcuts}
     cfg = resolve_config(file_values, overrides)
-    result = run_train(cfg)
+    from advpipe.pipeline.remote import storage_options_env
+
+    with storage_options_env(storage_option):  # options reach the store's open but not config.yaml (credentials)
+        result = run_train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     m = result.last_metrics
     echo(f"run folder: {result.run_dir}")
     if m:
-        echo(f"epoch {m['epoch']}: test accuracy {m['test_acc']:.4f} (best {result.best_top1:.4f})")
+        on = "validation" if "val_acc" in m else "test"
+        echo(f"epoch {m['epoch']}: test accuracy {m['test_acc']:.4f} (best on {on}: {result.best_top1:.4f})")
 
 

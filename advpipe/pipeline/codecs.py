@@ -70,6 +70,24 @@ def codec_kwargs(name: str) -> dict[str, Any]:
     return {"filters": filters, "serializer": BytesCodec(endian="little"), "compressors": compressors}
 
 
+def encoded_chunks(name: str, values: np.ndarray, chunks: tuple[int, ...]) -> dict[str, bytes]:
+    """Return the stored objects (``c/<i>...`` -> bytes) of array ``name`` holding ``values`` in ``chunks``.
+
+    The same values encode to the same bytes with the same zarr and codec versions, so comparing
+    their sha256 with a pinned manifest proves an array's content without fetching it.
+    """
+    import zarr
+    from zarr.storage import MemoryStore
+
+    spec = ARRAYS.get(name, ArraySpec(np.dtype(bool), False))  # chunk_done: bool, False
+    objects: dict[str, Any] = {}
+    with quiet_zarr():
+        arr = zarr.create_array(MemoryStore(objects), shape=values.shape, chunks=chunks, dtype=spec.dtype,
+                                fill_value=spec.fill_value, **codec_kwargs(name))
+        arr.with_config({"write_empty_chunks": True})[...] = values
+    return {key: bytes(value.to_bytes()) for key, value in objects.items() if key.startswith("c/")}
+
+
 @contextlib.contextmanager
 def quiet_zarr() -> Iterator[None]:
     """Silence zarr's notices that numcodecs codecs and consolidated metadata are outside the v3 spec."""

@@ -25,6 +25,7 @@ MAX_N = 100_000_000
 MAX_CHANNELS = 64
 MAX_SIDE = 8192
 MAX_CHUNK_BYTES = 1 << 30  # decoded bool masks of one chunk
+MAX_CHUNKS = 1_000_000  # write units: each is about 11 objects
 MAX_TEXT = 4096
 STATUSES = ("in-progress", "complete")
 SUMMARY_STATS = ("l0", "l0_pixels", "l2", "linf")
@@ -116,6 +117,8 @@ def check_layout(n: int, image_shape: tuple[int, int, int], chunk_size: int, whe
     """Refuse an N, shape or chunk size that no real dataset has (or that would decode absurd chunks)."""
     _int(n, f"{where}n", 1, MAX_N)
     _int(chunk_size, f"{where}chunk_size", 1, MAX_N)
+    if -(-n // chunk_size) > MAX_CHUNKS:
+        raise AdvpipeError(f"{where}chunk_size {chunk_size} splits {n} samples into more than {MAX_CHUNKS} chunks")
     chunk_bytes = min(chunk_size, n) * image_shape[1] * image_shape[2]
     if chunk_bytes > MAX_CHUNK_BYTES:
         raise AdvpipeError(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
-from zarr.storage import FsspecStore, LocalStore, WrapperStore
+from zarr.storage import LocalStore
 
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.codecs import (
@@ -35,12 +35,15 @@ from advpipe.pipeline.codecs import (
     DONE_ARRAY,
     METRICS,
     codec_kwargs,
+    encoded_chunks,
     pack_masks,
     quiet_zarr,
     sample_hash,
     unpack_masks,
 )
+from advpipe.pipeline.location import Location, write_manifest
 from advpipe.pipeline.lock import StoreLock
+from advpipe.pipeline.manifest import ContentMismatch, Manifest, sha256_hex
 from advpipe.pipeline.provenance import (
     config_diff,
     config_of,
@@ -52,6 +55,7 @@ from advpipe.pipeline.provenance import (
     summarize,
     versions,
 )
+from advpipe.pipeline.remote import is_url
 from advpipe.progress import track
 
 __all__ = [
@@ -72,15 +76,12 @@ log = logging.getLogger(__name__)
 # while the attack work a kill can lose grows with the chunk; 500 balances the two.
 DEFAULT_CHUNK_SIZE = 500
 _READ_BYTES = 256 << 20  # decoded bool masks fetched per read call in read_all_packed
+REMOTE_CONCURRENCY = 32  # chunk requests in flight per read of a remote store (benchmarks/bench_sharing.py)
 
 
 def _lock_path(path: Path) -> Path:
     # Beside the store, not inside: it survives an overwrite and is never copied along with a store.
     return path.with_name(path.name + ".lock")
-
-
-def _is_url(path_or_url: str | os.PathLike[str]) -> bool:
-    return isinstance(path_or_url, str) and "://" in path_or_url and not path_or_url.startswith("file://")
 
 
 def _as_numpy(value: Any, name: str) -> np.ndarray:
@@ -179,8 +180,9 @@ def create_store(
     complete, AdvpipeError unless ``overwrite`` (then it is replaced by a fresh store). A second
     concurrent writer gets AdvpipeError; see :class:`~advpipe.pipeline.lock.StoreLock`.
     """
-    if _is_url(path):
-        raise AdvpipeError(f"mask stores are written to a local or shared-filesystem path, not {path}; upload the finished store")
+    if is_url(path) or str(path).lower().endswith(".zip"):
+        raise AdvpipeError(f"mask stores are written to a local or shared-filesystem directory, not {path}; "
+                           "`advpipe masks publish` uploads a finished store and `advpipe masks pack` zips it")
     path = Path(path).absolute()
     attrs = new_attrs(provenance, n=n, image_shape=image_shape, chunk_size=chunk_size)
     if path.is_file():
@@ -350,6 +352,10 @@ class MaskStoreWriter(_Chunked):
             raise AdvpipeError(f"cannot finalize {self.path}: {len(pending)} of {self.n_chunks} chunks pending (first {pending[:5]})")
         summary = summarize({name: self._arrays[name][:] for name in (*SUMMARY_STATS, "success", "clean_correct")})
         self._set_attrs({**self._attrs, "status": "complete", "completed": now(), "summary": summary})
+        try:
+            write_manifest(self.path)  # the content digest consumers pin (docs/sharing.md)
+        except OSError as exc:  # the store is complete and valid; `advpipe masks publish` makes the manifest
+            log.warning("mask store %s: could not write its manifest (%s)", self.path, exc.strerror or exc)
         self.close()
         return summary
 
@@ -359,91 +365,26 @@ class MaskStoreWriter(_Chunked):
             self._lock.release()
 
 
-class _NoMissingChunks(WrapperStore):
-    """Reads that refuse a missing chunk object instead of returning the fill value.
-
-    Every chunk of a finished store is written (even all-false ones), so a missing object means a
-    damaged or partial copy; plain zarr would silently read it as empty masks. Only a complete
-    store is strict: an in-progress one legitimately lacks the chunks not yet written.
-    """
-
-    strict = False
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        value = await super().get(key, prototype, byte_range)
-        if value is None and self.strict and "/c/" in key and not key.startswith(DONE_ARRAY + "/"):
-            raise FileNotFoundError(f"chunk object {key} is missing")
-        return value
-
-
-def http_storage_options() -> dict[str, Any]:
-    """fsspec options for http(s) stores: bounded timeouts, so a vanished server fails in seconds, not minutes."""
-    import aiohttp
-
-    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=120, sock_connect=10, sock_read=60)}}
-
-
-class _Location:
-    """Where a store lives: a local directory or an fsspec URL; names chunk files and tests their existence."""
-
-    def __init__(self, path_or_url: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> None:
-        self.is_url = _is_url(path_or_url)
-        self.storage_options = storage_options
-        self._fs: Any = None
-        if self.is_url:
-            self.root = str(path_or_url).rstrip("/")
-        else:
-            self.root = str(Path(str(path_or_url).removeprefix("file://")).absolute())
-
-    def name(self, key: str) -> str:
-        return f"{self.root}/{key}" if self.is_url else os.path.join(self.root, key)
-
-    def exists(self, key: str) -> bool:
-        if not self.is_url:
-            return os.path.exists(self.name(key))
-        if self._fs is None:
-            import fsspec  # only remote stores need it
-
-            self._fs = fsspec.core.url_to_fs(self.root, **(self.storage_options or {}))
-        fs, root = self._fs
-        return bool(fs.exists(f"{root}/{key}"))
-
-    def open_group(self) -> zarr.Group:
-        if self.storage_options and not self.is_url:
-            raise AdvpipeError("storage_options only apply to URLs")
-        with quiet_zarr():
-            try:
-                if self.is_url:
-                    options = self.storage_options
-                    if self.root.startswith(("http://", "https://")) and not options:
-                        options = http_storage_options()
-                    base: Any = FsspecStore.from_url(self.root, storage_options=options, read_only=True)
-                else:
-                    base = LocalStore(self.root, read_only=True)
-                self.wrapper = _NoMissingChunks(base)
-                return zarr.open_group(self.wrapper, mode="r", zarr_format=3)
-            except Exception as exc:  # zarr, fsspec and aiohttp each raise their own types here
-                raise AdvpipeError(f"cannot open mask store {self.root}: {type(exc).__name__}: {exc}") from None
-
-
 class MaskStore(_Chunked):
     """A read-only mask store (local or remote) whose attributes and array layout have been validated."""
 
-    def __init__(self, path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+                 digest: str | None = None) -> None:
         """Open and validate the store (prefer :func:`open_store`)."""
-        self._state = (path_or_url, storage_options)
-        self.location = _Location(path_or_url, storage_options)
+        self._state = (path_or_url, storage_options, digest)
+        self.location = Location(path_or_url, storage_options, digest)
         group = self.location.open_group()
+        self.manifest: Manifest | None = self.location.manifest
         self.provenance: dict[str, Any] = parse_attrs(group.attrs.get(ATTRS_KEY))
         self.location.wrapper.strict = self.provenance["status"] == "complete"
         self._arrays = _open_arrays(group, self.provenance, self.location.root)
         self._init_layout(self.provenance)
 
-    def __getstate__(self) -> tuple[Any, Any]:
+    def __getstate__(self) -> tuple[Any, Any, Any]:
         return self._state
 
-    def __setstate__(self, state: tuple[Any, Any]) -> None:
-        self.__init__(state[0], storage_options=state[1])  # type: ignore[misc]
+    def __setstate__(self, state: tuple[Any, Any, Any]) -> None:
+        self.__init__(state[0], storage_options=state[1], digest=state[2])  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"MaskStore({self.location.root!r}, n={self.n}, image_shape={self.image_shape}, status={self.provenance['status']!r})"
@@ -453,9 +394,20 @@ class MaskStore(_Chunked):
         """Whether the writer finalized the store (all chunks done, summary written)."""
         return self.provenance["status"] == "complete"
 
+    @property
+    def digest(self) -> str | None:
+        """The content digest ``sha256:<hex>`` of the store's manifest (None if it has none)."""
+        return self.manifest.digest if self.manifest is not None else None
+
     def _read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         try:
-            return self._arrays[name][start:stop]
+            if not self.location.is_url:
+                return self._arrays[name][start:stop]
+            # Remote reads wait on round trips, not on the CPU: more in flight than zarr's default 10.
+            with zarr.config.set({"async.concurrency": REMOTE_CONCURRENCY}):
+                return self._arrays[name][start:stop]
+        except ContentMismatch as exc:
+            raise AdvpipeError(f"mask store {self.location.root}: {exc}") from None
         except Exception as exc:  # crc32c, zstd and packbits each fail differently on damaged bytes
             raise AdvpipeError(
                 f"mask store {self.location.root}: array {name!r} rows [{start or 0}, {stop or self.n}) are unreadable "
@@ -464,7 +416,23 @@ class MaskStore(_Chunked):
 
     def chunk_done(self) -> np.ndarray:
         """Return the (n_chunks,) bool done flags."""
-        return self._read(DONE_ARRAY)
+        done = np.ones(self.n_chunks, dtype=bool)
+        # A pinned manifest that lists every flag object as "done" proves it: no n_chunks tiny requests.
+        return done if self.pinned_equal(DONE_ARRAY, done) else self._read(DONE_ARRAY)
+
+    def pinned_equal(self, name: str, values: np.ndarray) -> bool:
+        """Whether array ``name`` provably holds ``values``: they encode to the objects the pinned manifest lists.
+
+        False when unpinned or when anything differs (then read the array to compare); never fetches.
+        """
+        arr = self._arrays.get(name)
+        values = np.asarray(values)
+        if self.manifest is None or not self.manifest.pinned or arr is None or values.shape != arr.shape:
+            return False
+        objects = encoded_chunks(name, values, arr.chunks)
+        listed = self.manifest.objects
+        return len(objects) == math.prod(arr.cdata_shape) and all(
+            listed.get(f"{name}/{key}", (0, ""))[1] == sha256_hex(data) for key, data in objects.items())
 
     def read_masks(self, start: int, stop: int) -> np.ndarray:
         """Return masks ``[start, stop)`` as (stop-start, H, W) bool."""
@@ -496,9 +464,14 @@ class MaskStore(_Chunked):
         return self._read("sample_hash")
 
 
-def open_store(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> MaskStore:
-    """Open a mask store read-only from a local path or an fsspec URL (http(s)://, s3://, ...)."""
-    return MaskStore(path_or_url, storage_options=storage_options)
+def open_store(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+               digest: str | None = None) -> MaskStore:
+    """Open a mask store read-only from a local path, a zip file or an fsspec URL (http(s)://, s3://, ...).
+
+    ``digest`` (or a ``LOCATION#sha256=HEX`` location) pins the content: the store's manifest must
+    hash to it and every object read must be the one the manifest lists, else AdvpipeError.
+    """
+    return MaskStore(path_or_url, storage_options=storage_options, digest=digest)
 
 
 def check_compatible(
@@ -529,19 +502,22 @@ def verify_store(
     fingerprint: str | None = None,
     sample_hashes: np.ndarray | None = None,
     storage_options: dict[str, Any] | None = None,
+    digest: str | None = None,
 ) -> list[str]:
     """Check a store fully and return the problems found (empty list = usable).
 
     Checks: attributes and array layout; a crc32c codec on every array; status complete and every
     chunk done; every chunk object of every array present, readable and checksum-valid (a problem
     names the array, chunk index and file); counts in range; the stored summary equals one
-    recomputed from the arrays; and, if given, the dataset fingerprint and per-sample hashes.
+    recomputed from the arrays; if the store has a manifest, every object against it (names,
+    sizes, sha256), and its digest against ``digest`` if pinned; and, if given, the dataset
+    fingerprint and per-sample hashes.
     """
     try:
-        store = open_store(path_or_url, storage_options=storage_options)
+        store = open_store(path_or_url, storage_options=storage_options, digest=digest)
     except AdvpipeError as exc:
         return [str(exc)]
-    problems: list[str] = []
+    problems: list[str] = store.location.manifest_problems()
     loc, arrays = store.location, store._arrays
     for name, arr in arrays.items():
         if not any(isinstance(codec, Crc32cCodec) for codec in arr.metadata.codecs):

@@ -59,6 +59,8 @@ def open_for_training(location: str, ds: DatasetSplit) -> MaskStore:
     if ds.in_memory:
         # Per-sample hashes catch a store whose rows are in another order than this dataset's.
         ours = sample_hash(ds.images.numpy(), layout="NCHW")
+        if store.pinned_equal("sample_hash", ours):  # proven by the pinned manifest, nothing fetched
+            return store
         theirs = store.sample_hashes()
         bad = np.flatnonzero(ours != theirs)
         if len(bad):
@@ -122,14 +124,19 @@ class ChunkCache:
         try:
             start, stop = self.store.chunk_bounds(i)
             data = torch.from_numpy(self.store.read_masks(start, stop))
-        finally:
+        except BaseException:
             with self._cond:
                 self._loading.discard(i)
                 self._cond.notify_all()
+            raise
         with self._cond:
+            # Leave "loading" and enter the cache in one step: in between, another thread would find
+            # the chunk in neither and read it a second time.
+            self._loading.discard(i)
             self._cache[i] = data
             while len(self._cache) > self.max_chunks:
                 del self._cache[self._victim()]
+            self._cond.notify_all()
         return data
 
     def _victim(self) -> int:

@@ -1,0 +1,377 @@
+"""Where a mask store lives, and reading its objects safely: a directory, a zip file, either behind any fsspec URL.
+
+A :class:`Location` opens the zarr group read-only through a guard store that refuses unsafe keys
+(``..``, absolute paths), objects that are symlinks pointing out of a local store, objects larger
+than the format allows, zip members that declare a huge size, and missing chunks of a complete
+store. When the consumer pinned a content digest, the guard also checks every object it reads
+against the store's manifest (see :mod:`advpipe.pipeline.manifest`). Everything is refused before
+the object's bytes are read or allocated, except that a remote object is checked once fetched.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import zarr
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+from advpipe.errors import AdvpipeError
+from advpipe.pipeline.codecs import DONE_ARRAY, quiet_zarr
+from advpipe.pipeline.manifest import (
+    MANIFEST_KEY,
+    MAX_MANIFEST_BYTES,
+    MAX_OBJECTS,
+    UNLISTED,
+    ContentMismatch,
+    Manifest,
+    build_manifest,
+    check_key,
+    normalize_digest,
+    parse_manifest,
+    sha256_hex,
+    size_limit,
+)
+from advpipe.pipeline.remote import error_line, filesystem, is_url, split_pin
+from advpipe.pipeline.zipstore import ZipReader
+from advpipe.utils import atomic_write_bytes
+
+_BATCH_OBJECTS = 32  # concurrent requests per batch of a remote read
+_BATCH_BYTES = 64 << 20
+
+
+class Location:
+    """A store's place (local directory, local zip, or either behind a URL) and safe access to its objects."""
+
+    def __init__(self, location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+                 digest: str | None = None) -> None:
+        """Parse ``location`` (``PATH``, ``URL`` or either with ``#sha256=HEX``); ``digest`` pins it too."""
+        base, pin = split_pin(os.fspath(location))
+        if digest is not None:
+            digest = normalize_digest(digest)
+            if pin is not None and pin != digest:
+                raise AdvpipeError(f"{location} is pinned to {pin} but the digest option says {digest}")
+            pin = digest
+        self.pin = pin
+        self.is_url = is_url(base)
+        self.storage_options = storage_options
+        self.root = base.rstrip("/") if self.is_url else str(Path(base.removeprefix("file://")).absolute())
+        self.is_zip = self.root.lower().endswith(".zip") or (
+            not self.is_url and os.path.isfile(self.root) and zipfile.is_zipfile(self.root))
+        self.manifest: Manifest | None = None
+        self._real_root = os.path.realpath(self.root) if not self.is_url else ""
+        self._fs: tuple[Any, str] | None = None
+        self._zip: ZipReader | None = None
+        self.missing: str | None = None  # why the last remote read found nothing (a missing bucket, key, ...)
+
+    def __repr__(self) -> str:
+        return f"Location({self.root!r}{', zip' if self.is_zip else ''})"
+
+    def name(self, key: str) -> str:
+        """A human-readable name of object ``key`` (a file path for local directories)."""
+        return os.path.join(self.root, key) if not (self.is_url or self.is_zip) else f"{self.root}/{key}"
+
+    # -- raw object access -------------------------------------------------------------------
+    def fs(self) -> tuple[Any, str]:
+        """The (synchronous fsspec filesystem, path) of a URL."""
+        if self._fs is None:
+            self._fs = filesystem(self.root, self.storage_options)
+        return self._fs
+
+    def _remote_path(self, key: str) -> str:
+        return f"{self.fs()[1].rstrip('/')}/{key}"
+
+    def zip_reader(self) -> ZipReader:
+        """The checked zip archive of a single-file store."""
+        if self._zip is None:
+            self._zip = ZipReader(self.root, self._zip_source)
+            self._zip._sync_open()
+        return self._zip
+
+    def _zip_source(self) -> Any:
+        if not self.is_url:
+            return self.root
+        fs, path = self.fs()
+        # Random access by range requests; a CIFAR chunk member is tens of KB, so 1 MiB blocks.
+        return fs.open(path, "rb", block_size=1 << 20, cache_type="readahead")
+
+    def check_local_object(self, key: str) -> None:
+        """Refuse an object of a local directory that is a symlink pointing out of the store, or too large."""
+        full = os.path.join(self.root, key)
+        real = os.path.realpath(full)
+        if not real.startswith(self._real_root + os.sep):
+            raise AdvpipeError(f"mask store {self.root}: object {key} is a symlink pointing out of the store "
+                               f"(to {real}); refusing to read it")
+        try:
+            size = os.stat(full).st_size
+        except OSError:
+            return
+        if size > size_limit(key):
+            raise AdvpipeError(f"mask store {self.root}: object {key} is {size} bytes (limit {size_limit(key)})")
+
+    def read(self, key: str, limit: int | None = None) -> bytes | None:
+        """Return object ``key``'s bytes, or None if it does not exist; refuses unsafe or oversized objects."""
+        check_key(key, f"mask store {self.root}")
+        limit = size_limit(key) if limit is None else limit
+        if self.is_zip:
+            return self.zip_reader().member(key)
+        if not self.is_url:
+            self.check_local_object(key)
+            try:
+                with open(os.path.join(self.root, key), "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size > limit:
+                        raise AdvpipeError(f"mask store {self.root}: object {key} is {size} bytes (limit {limit})")
+                    data = fh.read()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as exc:
+                raise AdvpipeError(f"cannot read {self.name(key)}: {exc.strerror or exc}") from None
+        else:
+            fs, _ = self.fs()
+            try:
+                try:
+                    data = fs.cat_file(self._remote_path(key), start=0, end=limit + 1)
+                except OSError as exc:  # a ranged read of an empty object is refused by S3
+                    if "InvalidRange" not in str(exc) and "416" not in str(exc):
+                        raise
+                    data = fs.cat_file(self._remote_path(key))
+            except FileNotFoundError as exc:
+                self.missing = error_line(exc, self.root)
+                return None
+            except Exception as exc:  # every fsspec backend raises its own types
+                raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from None
+        if len(data) > limit:
+            raise AdvpipeError(f"mask store {self.root}: object {key} is over {limit} bytes")
+        return data
+
+    def read_many(self, keys: Iterable[str], sizes: dict[str, int] | None = None) -> Iterator[tuple[str, bytes | None]]:
+        """Yield (key, bytes or None if missing) for ``keys``; remote objects are fetched concurrently in batches."""
+        keys = list(keys)
+        if not self.is_url or self.is_zip:
+            for key in keys:
+                yield key, self.read(key)
+            return
+        fs, _ = self.fs()
+        for batch in _batches(keys, sizes or {}):
+            for key in batch:
+                check_key(key, f"mask store {self.root}")
+            paths = {self._remote_path(key): key for key in batch}
+            try:
+                got = fs.cat(list(paths), on_error="return")
+            except Exception as exc:  # noqa: BLE001 - one line for any backend's failure
+                raise AdvpipeError(f"cannot read {self.root}: {error_line(exc, self.root)}") from None
+            for path, key in paths.items():
+                value = got.get(path, FileNotFoundError(path)) if isinstance(got, dict) else got
+                if isinstance(value, FileNotFoundError):
+                    yield key, None
+                elif isinstance(value, BaseException):
+                    raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(value, self.root)}")
+                else:
+                    if len(value) > size_limit(key):
+                        raise AdvpipeError(f"mask store {self.root}: object {key} is over {size_limit(key)} bytes")
+                    yield key, value
+
+    def exists(self, key: str) -> bool:
+        """Whether object ``key`` exists."""
+        if self.is_zip:
+            return self.zip_reader().member_size(key) is not None
+        if not self.is_url:
+            return os.path.exists(os.path.join(self.root, key))
+        fs, _ = self.fs()
+        try:
+            return bool(fs.exists(self._remote_path(key)))
+        except Exception as exc:  # noqa: BLE001
+            raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from None
+
+    def list_objects(self) -> dict[str, int] | None:
+        """Return every object key -> size (None where the protocol cannot list, as plain HTTP)."""
+        if self.is_zip:
+            return self.zip_reader().sizes()
+        if not self.is_url:
+            return _walk(self)
+        if self.root.startswith(("http://", "https://")):
+            return None
+        fs, path = self.fs()
+        try:
+            found = fs.find(path, detail=True)
+        except Exception as exc:  # noqa: BLE001
+            raise AdvpipeError(f"cannot list {self.root}: {error_line(exc, self.root)}") from None
+        prefix = path.rstrip("/") + "/"
+        out = {}
+        for name, info in found.items():
+            if info.get("type", "file") == "file" and name.startswith(prefix):
+                out[check_key(name[len(prefix):], f"mask store {self.root}")] = int(info.get("size") or 0)
+        if len(out) > MAX_OBJECTS + len(UNLISTED):
+            raise AdvpipeError(f"mask store {self.root} has over {MAX_OBJECTS} objects")
+        return out
+
+    # -- manifest ----------------------------------------------------------------------------
+    def load_manifest(self) -> Manifest | None:
+        """Read and validate the store's manifest (refused unless its digest is the pinned one, if pinned)."""
+        raw = self.read(MANIFEST_KEY, MAX_MANIFEST_BYTES)
+        if raw is None:
+            if self.pin is not None:
+                why = f" ({self.missing})" if self.missing else ""
+                raise AdvpipeError(f"mask store {self.root} has no manifest {MANIFEST_KEY}{why}, so its content cannot be "
+                                   f"checked against the pinned {self.pin}")
+            return None
+        self.manifest = parse_manifest(raw, f"mask store {self.root}", self.pin)
+        return self.manifest
+
+    def compute_manifest(self) -> Manifest:
+        """Hash every object of the store into a fresh manifest."""
+        listing = self.list_objects()
+        if listing is None:
+            raise AdvpipeError(f"cannot list the objects of {self.root}; make the manifest where the store was written")
+        keys = sorted(k for k in listing if k not in UNLISTED)
+        objects = {}
+        for key, data in self.read_many(keys, listing):
+            if data is None:
+                raise AdvpipeError(f"object {self.name(key)} vanished while hashing the store")
+            objects[key] = (len(data), sha256_hex(data))
+        return build_manifest(objects)
+
+    def manifest_problems(self) -> list[str]:
+        """Compare the store's objects with its manifest: missing, extra, resized and changed objects."""
+        manifest = self.manifest
+        if manifest is None:
+            return []
+        try:
+            listing = self.list_objects()
+        except AdvpipeError as exc:
+            return [str(exc)]
+        problems = manifest.diff(listing) if listing is not None else []
+        keys = [k for k in manifest.objects if listing is None or listing.get(k) == manifest.objects[k][0]]
+        sizes = {k: v[0] for k, v in manifest.objects.items()}
+        try:
+            for key, data in self.read_many(keys, sizes):
+                if data is None:
+                    problems.append(f"object {key!r} listed in manifest {manifest.digest} is missing")
+                    continue
+                try:
+                    manifest.check(key, data)
+                except ContentMismatch as exc:
+                    problems.append(str(exc))
+        except AdvpipeError as exc:
+            problems.append(str(exc))
+        return problems
+
+    # -- zarr --------------------------------------------------------------------------------
+    def open_group(self) -> zarr.Group:
+        """Load the manifest, then open the zarr group read-only through the guard store."""
+        if self.storage_options and not self.is_url:
+            raise AdvpipeError("storage_options only apply to URLs")
+        try:
+            self.load_manifest()
+            self.wrapper = _Guard(self._zarr_base(), self)
+            with quiet_zarr():
+                return zarr.open_group(self.wrapper, mode="r", zarr_format=3)
+        except AdvpipeError:
+            raise
+        except ContentMismatch as exc:
+            raise AdvpipeError(f"mask store {self.root}: {exc}") from None
+        except Exception as exc:  # zarr, fsspec and aiohttp each raise their own types here
+            why = error_line(exc, self.root)
+            if isinstance(exc, FileNotFoundError) and self.missing:
+                why = self.missing
+            raise AdvpipeError(f"cannot open mask store {self.root}: {why}") from None
+
+    def _zarr_base(self) -> Any:
+        if self.is_zip:
+            return self.zip_reader()
+        if not self.is_url:
+            return LocalStore(self.root, read_only=True)
+        fs, path = filesystem(self.root, self.storage_options, asynchronous=True)
+        if not fs.async_impl:
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+        return FsspecStore(fs, path=path, read_only=True)
+
+
+def _batches(keys: list[str], sizes: dict[str, int]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    total = 0
+    for key in keys:
+        if batch and (len(batch) >= _BATCH_OBJECTS or total + sizes.get(key, 0) > _BATCH_BYTES):
+            yield batch
+            batch, total = [], 0
+        batch.append(key)
+        total += sizes.get(key, 0)
+    if batch:
+        yield batch
+
+
+def _walk(loc: Location) -> dict[str, int]:
+    """Every object of a local directory store, refusing symlinked directories and symlinks out of it."""
+    out: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(loc.root):
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                rel = os.path.relpath(os.path.join(dirpath, name), loc.root).replace(os.sep, "/")
+                raise AdvpipeError(f"mask store {loc.root}: {rel} is a symlink to a directory; refusing it")
+        for name in filenames:
+            key = os.path.relpath(os.path.join(dirpath, name), loc.root).replace(os.sep, "/")
+            check_key(key, f"mask store {loc.root}")
+            loc.check_local_object(key)
+            out[key] = os.stat(os.path.join(dirpath, name)).st_size
+            if len(out) > MAX_OBJECTS + len(UNLISTED):
+                raise AdvpipeError(f"mask store {loc.root} has over {MAX_OBJECTS} objects")
+    return out
+
+
+def write_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Hash every object of the local directory store at ``path`` and write its manifest there (atomically)."""
+    loc = Location(path)
+    manifest = loc.compute_manifest()
+    atomic_write_bytes(Path(loc.root) / MANIFEST_KEY, manifest.raw)
+    return manifest
+
+
+class _Guard(WrapperStore):  # type: ignore[type-arg]
+    """Read-only access that refuses unsafe keys and objects, missing chunks of a complete store and,
+    when a digest is pinned, any object whose bytes differ from the manifest.
+
+    Every chunk of a finished store is written (even all-false ones), so a missing object means a
+    damaged or partial copy; plain zarr would silently read it as empty masks. Only a complete
+    store is strict (``strict`` is set by the reader): an in-progress one lacks the chunks not yet written.
+    """
+
+    strict = False
+
+    def __init__(self, store: Any, location: Location) -> None:
+        super().__init__(store)
+        self.location = location
+
+    def _with_store(self, store: Any) -> "_Guard":
+        other = type(self)(store, self.location)
+        other.strict = self.strict
+        return other
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        loc = self.location
+        check_key(key, f"mask store {loc.root}")
+        if not (loc.is_url or loc.is_zip):
+            loc.check_local_object(key)
+        value = await super().get(key, prototype, byte_range)
+        if value is None:
+            if self.strict and "/c/" in key and not key.startswith(DONE_ARRAY + "/"):
+                raise FileNotFoundError(f"chunk object {key} is missing")
+            return None
+        if byte_range is None:
+            data = value.to_bytes()
+            if len(data) > size_limit(key):
+                raise AdvpipeError(f"mask store {loc.root}: object {key} is over {size_limit(key)} bytes")
+            if loc.manifest is not None and loc.manifest.pinned:
+                loc.manifest.check(key, data)
+        return value
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    async def _get_many(self, requests: Iterable[tuple[str, Any, Any]]) -> Any:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
