@@ -35,7 +35,7 @@ def main() -> int:
     info = {"name": args.name, "recipe": args.recipe, "commit": commit,
             "train_data": {"name": ckpt.dataset, "fingerprint": ckpt.fingerprint},
             "test_acc": ckpt.metrics.get("test_acc"), "epoch": ckpt.epoch,
-            "made": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+            "made": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": str(torch.__version__)}
     out = BUILTIN_DIR / f"{args.name}.pt"
     save_checkpoint(out, replace(ckpt, state={}, config=config, info=info,
                                  metrics={k: v for k, v in ckpt.metrics.items() if k != "test_per_class"}))
