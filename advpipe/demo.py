@@ -83,7 +83,7 @@ def noise_verdict(diff_pp: float, noise_pp: float | None) -> str:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run the stages and return the comparison of the augmentations with ``none``."""
-    from advpipe.augment.preview import preview_augment, save_preview
+    from advpipe.preview import preview_augment, save_preview
     from advpipe.data.datasets import load_dataset
     from advpipe.pipeline.precompute import PrecomputeConfig, precompute_masks
 

@@ -54,11 +54,6 @@ def parse_fraction(text: str, *, name: str = "value", low: float = 0.0, high: fl
     return value
 
 
-def fraction_str(value: Fraction) -> str:
-    """Write a fraction as ``8/255`` (or ``1`` for whole numbers) for provenance records."""
-    return str(value)
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half."""
     path = Path(path)

@@ -29,7 +29,7 @@ def preview(
     out: Path = typer.Option(Path("preview.png"), "--out", help="PNG file to write."),
 ) -> None:
     """Write a grid of original, attack mask, keep-mask and augmented image."""
-    from advpipe.augment.preview import preview_augment, save_preview
+    from advpipe.preview import preview_augment, save_preview
     from advpipe.data.datasets import load_dataset
     from advpipe.train.config import parse_key_values
 

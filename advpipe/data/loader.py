@@ -200,10 +200,3 @@ class DeviceLoader:
         if callable(src) and not isinstance(src, torch.Tensor):
             return src(index).to(self.device)
         return src[index.to(src.device)].to(self.device)
-
-
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Return (images - mean) / std for (B,C,H,W) floats (models do this inside their wrapper)."""
-    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - m) / s

@@ -1,56 +1,11 @@
-"""Clean accuracy: top-1 overall and per class."""
+"""Clean accuracy (top-1 overall and per class) and the precision context, as evaluation uses them.
 
-from __future__ import annotations
+Both live lower down so that every layer can use them: :func:`evaluate_accuracy` in
+:mod:`advpipe.models.accuracy`, :func:`autocast_context` in :mod:`advpipe.precision`. This module
+keeps the names where training, evaluation, the tests and the benchmarks import them from.
+"""
 
-import contextlib
-from typing import Any, Callable, Iterable
+from advpipe.models.accuracy import evaluate_accuracy
+from advpipe.precision import autocast_context
 
-import torch
-from torch import nn
-
-from advpipe import progress
-from advpipe.data.batch import Batch
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``precision`` (auto = fp16 on CUDA, fp32 on CPU); a no-op for fp32."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, batches: Iterable[Batch], num_classes: int, *,
-                      precision: str = "fp32", description: str = "evaluate", total: int | None = None,
-                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
-    """Return ``top1``, ``per_class`` accuracies and ``n`` of ``model`` (in eval mode) on ``batches``.
-
-    ``reduce`` sums the per-class counts over processes when each evaluated a shard.
-    """
-    was_training = model.training
-    model.eval()
-    correct = total_seen = None
-    try:
-        for batch in progress.track(batches, description, total=total, unit="batch"):
-            device = batch.images.device
-            if correct is None:
-                correct = torch.zeros(num_classes, dtype=torch.long, device=device)
-                total_seen = torch.zeros(num_classes, dtype=torch.long, device=device)
-            with autocast_context(device, precision):
-                pred = model(batch.images).argmax(1)
-            total_seen.index_add_(0, batch.labels, torch.ones_like(batch.labels))
-            correct.index_add_(0, batch.labels, (pred == batch.labels).long())
-    finally:
-        model.train(was_training)
-    if correct is None:
-        correct = torch.zeros(num_classes, dtype=torch.long)
-        total_seen = torch.zeros(num_classes, dtype=torch.long)
-    if reduce is not None:
-        counts = reduce(torch.stack([correct, total_seen]).to(correct.device))
-        correct, total_seen = counts[0], counts[1]
-    per_class = (correct.float() / total_seen.clamp(min=1).float()).tolist()
-    n = int(total_seen.sum())
-    return {"top1": float(correct.sum()) / max(n, 1), "per_class": per_class, "n": n}
+__all__ = ["autocast_context", "evaluate_accuracy"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from advpipe.data.datasets import DatasetSplit
 from advpipe.models.checkpoint import Checkpoint, load_state_into
 from advpipe.models.normalize import Normalized
@@ -20,8 +18,3 @@ def model_from_checkpoint(ckpt: Checkpoint, *, source: str = "checkpoint") -> No
     net = create_model(ckpt.arch, num_classes=ckpt.num_classes, image_size=ckpt.image_size)
     load_state_into(net, ckpt.model_state, source=source)
     return Normalized(net, ckpt.mean, ckpt.std)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

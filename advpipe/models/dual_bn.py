@@ -118,14 +118,6 @@ def dual_bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DUAL_TYPES)]
 
 
-def set_bn_route(model: nn.Module, route: str) -> None:
-    """Route every dual BN in ``model`` to ``"main"`` or ``"aux"``."""
-    if route not in ("main", "aux"):
-        raise ValueError(f"route must be 'main' or 'aux', got {route!r}")
-    for _, m in dual_bn_modules(model):
-        m.route = route
-
-
 @contextlib.contextmanager
 def use_aux_bn(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block every dual BN of ``model`` uses its auxiliary BN; the old routes come back after."""

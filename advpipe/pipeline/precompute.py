@@ -3,7 +3,8 @@
 The store (docs/mask-store.md) is cut into chunks of ``chunk_size`` samples; one chunk is one unit
 of work. :func:`precompute_masks` plans the pending chunks and hands each chunk index to exactly one
 call of :func:`run_chunk`: either in this process (``workers=0``) or as one task on a
-dask.distributed cluster (a local one it starts, or an existing scheduler). The task writes its
+dask.distributed cluster (a local one it starts, or an existing scheduler); the running itself is
+:func:`advpipe.pipeline.chunks.run_store`, shared with the library's precompute from objects. The task writes its
 chunk straight into the store through the picklable writer, so a killed run loses only the chunks
 in flight and the next run with the same configuration continues with the rest.
 
@@ -18,34 +19,35 @@ See docs/precompute.md for the command, how the model is found, and cluster setu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
-from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
-from advpipe.cluster import dask_cluster, plan_local_workers
+from advpipe.attacks.sparse import SparseAttackConfig
+from advpipe.cluster import plan_local_workers
 from advpipe.data.datasets import DatasetSplit, dataset_family, load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from advpipe.pipeline.codecs import METRICS
-from advpipe.pipeline.store import (
-    DEFAULT_CHUNK_SIZE,
-    MaskStoreWriter,
-    create_store,
-    open_store,
-    sample_hash,
+from advpipe.paths import default_run_dir
+from advpipe.pipeline.chunks import (
+    ChunkOutcome,
+    ChunkTask,
+    PrecomputeResult,
+    StoreRun,
+    attack_chunk,
+    chunk_seed,
+    finished_chunk,
+    run_store,
 )
-from advpipe.progress import task
+from advpipe.pipeline.store import DEFAULT_CHUNK_SIZE, MaskStoreWriter, open_store
 from advpipe.utils import fast_bf16, resolve_device, sha256_file
 
 __all__ = [
@@ -131,38 +133,11 @@ class ChunkJob:
     device: str
 
 
-@dataclass(frozen=True)
-class ChunkOutcome:
-    """What one finished chunk reports back to the runner."""
-
-    index: int
-    n_images: int
-    n_success: int
-    seconds: float
-
-
-@dataclass
-class PrecomputeResult:
-    """A finished run: where the store is, its summary and how much work this invocation did."""
-
-    path: Path
-    summary: dict[str, Any]
-    provenance: dict[str, Any]
-    n_chunks: int
-    chunks_run: int
-    chunks_already_done: int
-    images_run: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- configuration
 
 
 def default_checkpoint(data: str, model: str) -> Path:
     """The checkpoint ``advpipe train --data DATA --model MODEL`` writes: ``runs/<data>/<model>/none/best.pt``."""
-    from advpipe.train.config import default_run_dir
-
     return default_run_dir(data, model, "none") / "best.pt"
 
 
@@ -276,12 +251,6 @@ def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackCon
     return Path("masks") / ("-".join(p.replace("/", "_") for p in parts) + ".zarr")
 
 
-def chunk_seed(seed: int, index: int) -> int:
-    """The 63-bit seed of chunk ``index``: a hash of (seed, index), so it never depends on the worker."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
-
-
 # --------------------------------------------------------------------------- worker side
 
 # One model and one dataset per worker process, reused by every task the worker runs.
@@ -333,60 +302,14 @@ def run_chunk(job: ChunkJob, writer: MaskStoreWriter, index: int) -> ChunkOutcom
     or the target of a targeted attack. The store refuses a chunk that is already done.
     """
     started = time.perf_counter()
-    if index not in writer.pending_chunks():
-        # A worker that died after its chunk was marked done gets rescheduled by dask; the store
-        # keeps the first result, so report it instead of attacking again.
-        start, stop = writer.chunk_bounds(index)
-        done = open_store(writer.path).metrics()["success"][start:stop]
-        return ChunkOutcome(index, stop - start, int(done.sum()), time.perf_counter() - started)
+    if (done := finished_chunk(writer, index, started)) is not None:
+        return done
     device = resolve_device(job.device)
     ds = _dataset(job)
     model = _model(job, device)
     start, stop = writer.chunk_bounds(index)
-    images = ds.load_images(range(start, stop))
-    true_labels = ds.labels[start:stop]
-    generator = torch.Generator(device=device).manual_seed(chunk_seed(job.seed, index))
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", *METRICS)}
-    for b in range(0, stop - start, job.batch_size):
-        x = images[b : b + job.batch_size].to(device).float().div_(255)
-        y = true_labels[b : b + job.batch_size].to(device)
-        res = sparse_attack(model, x, y, job.attack, generator=generator)
-        used = res.targets if job.attack.targeted and res.targets is not None else y
-        for name, value in (("masks", res.mask), ("labels", used), ("success", res.success),
-                            ("clean_correct", res.clean_correct), ("l0", res.l0_elements), ("l0_pixels", res.l0_pixels),
-                            ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
-            parts[name].append(value.detach().cpu())
-    out = {name: torch.cat(values) for name, values in parts.items()}
-    hashes = sample_hash(images.numpy(), layout="NCHW")
-    metrics = {name: out[name] for name in METRICS}
-    writer.write_chunk(index, out["masks"], out["labels"], hashes, metrics)
-    return ChunkOutcome(index, stop - start, int(out["success"].sum()), time.perf_counter() - started)
-
-
-# --------------------------------------------------------------------------- clusters
-
-
-@contextlib.contextmanager
-def _cluster(cfg: PrecomputeConfig) -> Iterator[tuple[Any, str]]:
-    """Yield (client, device string for the workers) of the run's dask cluster, and close it afterwards."""
-    with dask_cluster(cfg.scheduler, cfg.device, cfg.workers) as pair:
-        yield pair
-
-
-def _run_dask(client: Any, job: ChunkJob, writer: MaskStoreWriter, pending: list[int],
-              on_done: Callable[[ChunkOutcome], None]) -> None:
-    from distributed import as_completed
-
-    run = uuid.uuid4().hex[:8]
-    # One task per chunk index, each submitted once: no two tasks ever write the same chunk.
-    futures = [client.submit(run_chunk, job, writer, i, key=f"advpipe-chunk-{i}-{run}", pure=False) for i in pending]
-    try:
-        for future in as_completed(futures):
-            on_done(future.result())
-    finally:
-        unfinished = [f for f in futures if not f.done()]
-        if unfinished:
-            client.cancel(unfinished)
+    return attack_chunk(writer, index, model, ds.load_images(range(start, stop)), ds.labels[start:stop], job.attack,
+                        batch_size=job.batch_size, seed=job.seed, device=device, started=started)
 
 
 # --------------------------------------------------------------------------- the run
@@ -398,7 +321,7 @@ def _clean_accuracy(ckpt: Checkpoint, cfg: PrecomputeConfig, path: Path) -> floa
     if isinstance(acc, (int, float)) and not isinstance(acc, bool) and 0.0 <= acc <= 1.0:
         return float(acc)
     from advpipe.data.loader import DeviceLoader
-    from advpipe.eval.accuracy import evaluate_accuracy
+    from advpipe.models.accuracy import evaluate_accuracy
     from advpipe.models.build import model_from_checkpoint
 
     log.info("%s records no test accuracy; measuring it on %s/test", path, cfg.data)
@@ -444,22 +367,6 @@ def _provenance(cfg: PrecomputeConfig, ckpt: Checkpoint, sha: str, accuracy: flo
     }
 
 
-def _complete_with_same_config(path: Path, provenance: dict[str, Any], ds: DatasetSplit, chunk_size: int) -> Any:
-    """Return the store at ``path`` if it is complete and was made with exactly this configuration."""
-    from advpipe.pipeline.provenance import config_diff, config_of, new_attrs
-
-    if not (path / "zarr.json").is_file():
-        return None
-    try:
-        store = open_store(path)
-    except AdvpipeError:
-        return None  # create_store reports what is wrong with it
-    if not store.complete:
-        return None
-    wanted = new_attrs(provenance, n=len(ds), image_shape=tuple(ds.image_shape), chunk_size=chunk_size)
-    return None if config_diff(config_of(store.provenance), config_of(wanted)) else store
-
-
 def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Attack every pending chunk of the store ``cfg`` describes, then finalize it and return its summary.
 
@@ -485,47 +392,17 @@ def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
     attack = dataclasses.replace(attack, autocast_dtype=resolve_precision(cfg, path))
     sha = sha256_file(ckpt_path)
     provenance = _provenance(cfg, ckpt, sha, _clean_accuracy(ckpt, cfg, ckpt_path), ds, attack)
-    started = time.perf_counter()
+    job = ChunkJob(checkpoint=str(ckpt_path), checkpoint_sha256=sha, data=cfg.data, split=cfg.split,
+                   data_dir=str(Path(cfg.data_dir).absolute()) if cfg.data_dir else None, limit=cfg.limit,
+                   image_size=ckpt.image_size, fingerprint=ds.fingerprint, attack=attack,
+                   batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
 
-    if not cfg.overwrite and (done := _complete_with_same_config(path, provenance, ds, cfg.chunk_size)) is not None:
-        log.info("%s is already complete for this configuration", path)
-        return PrecomputeResult(path, done.provenance["summary"], done.provenance, done.n_chunks, 0, done.n_chunks,
-                                0, 0.0, warnings)
-    with contextlib.ExitStack() as stack:
-        # An unreachable scheduler should fail before a store is created; a local cluster is only
-        # started once the store has accepted the configuration and there is work to do.
-        remote = stack.enter_context(_cluster(cfg)) if cfg.scheduler is not None else None
-        try:
-            writer = create_store(path, n=len(ds), image_shape=tuple(ds.image_shape), chunk_size=cfg.chunk_size,
-                                  provenance=provenance, overwrite=cfg.overwrite)
-        except AdvpipeError as exc:
-            raise AdvpipeError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from None
-        stack.enter_context(writer)  # releases the lock on any exit; chunks done so far stay done
-        pending = writer.pending_chunks()
-        job = ChunkJob(checkpoint=str(ckpt_path), checkpoint_sha256=sha, data=cfg.data, split=cfg.split,
-                       data_dir=str(Path(cfg.data_dir).absolute()) if cfg.data_dir else None, limit=cfg.limit,
-                       image_size=ckpt.image_size, fingerprint=ds.fingerprint, attack=attack,
-                       batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
-        images_pending = sum(b - a for a, b in map(writer.chunk_bounds, pending))
-        counts = {"chunks": 0, "images": 0}
-        with task("precompute masks", total=images_pending, unit="img") as bar:
-            compute_started = time.perf_counter()
+    def make_task(device: str, in_process: bool) -> ChunkTask:
+        if in_process:
+            _DATA_CACHE.clear()
+            _DATA_CACHE[_data_key(job)] = ds  # reuse the split already in memory
+        return functools.partial(run_chunk, dataclasses.replace(job, device=device))
 
-            def on_done(outcome: ChunkOutcome) -> None:
-                counts["chunks"] += 1
-                counts["images"] += outcome.n_images
-                rate = counts["images"] / max(time.perf_counter() - compute_started, 1e-9)
-                bar.advance(outcome.n_images, chunks=f"{counts['chunks']}/{len(pending)}", **{"img/s": f"{rate:.2f}"})
-
-            if pending and cfg.workers == 0:
-                _DATA_CACHE.clear()
-                _DATA_CACHE[_data_key(job)] = ds  # reuse the split already in memory
-                for i in pending:
-                    on_done(run_chunk(job, writer, i))
-            elif pending:
-                client, worker_device = remote or stack.enter_context(_cluster(cfg))
-                _run_dask(client, dataclasses.replace(job, device=worker_device), writer, pending, on_done)
-        summary = writer.finalize()
-        provenance_out = open_store(path).provenance
-    return PrecomputeResult(path, summary, provenance_out, writer.n_chunks, len(pending),
-                            writer.n_chunks - len(pending), counts["images"], time.perf_counter() - started, warnings)
+    run = StoreRun(path, len(ds), tuple(ds.image_shape), cfg.chunk_size, provenance, overwrite=cfg.overwrite,
+                   workers=cfg.workers, scheduler=cfg.scheduler, device=cfg.device, overwrite_hint="--overwrite")
+    return run_store(run, make_task, warnings)

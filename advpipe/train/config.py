@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from advpipe.errors import AdvpipeError
+from advpipe.paths import default_run_dir
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,6 @@ class TrainConfig:
         out["aug_options"] = dict(self.aug_options)
         out["method_options"] = dict(self.method_options)
         return out
-
-
-def default_run_dir(data: str, model: str, aug: str) -> Path:
-    """Where a run of ``model`` on ``data`` with ``aug`` lives when no ``--out`` is given."""
-    return Path("runs") / data / model / aug.replace("+", "_")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Previews of an input augmentation: original, attack mask, keep-mask and augmented image per sample."""
+"""Previews of an input augmentation: original, attack mask, keep-mask and augmented image per sample.
+
+It sits beside the study and the demo, above training: it parses ``--aug`` (training's
+augmentation/method split) and reads mask stores (the pipeline's streaming), which the kernels in
+:mod:`advpipe.augment` must not depend on.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ from advpipe.augment.base import AugmentContext, build_augment
 from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
 from advpipe.errors import AdvpipeError
+from advpipe.pipeline.streaming import attack_mask_source
+from advpipe.train.compose import parse_aug
+from advpipe.viz import save_image_grid
 
 
 @dataclass
@@ -27,8 +35,6 @@ class Preview:
 def preview_augment(name: str, ds: DatasetSplit, *, n: int = 16, masks: str | None = None, seed: int = 0,
                     options: Mapping[str, Any] | None = None) -> Preview:
     """Apply augmentation ``name`` at full strength to the first ``n`` samples of ``ds`` (no crop/flip)."""
-    from advpipe.train.compose import parse_aug
-
     aug_name, method = parse_aug(name)
     if method != "standard":
         raise AdvpipeError(f"--aug {name!r}: preview draws input augmentations; {method!r} is a training method "
@@ -48,8 +54,6 @@ def preview_augment(name: str, ds: DatasetSplit, *, n: int = 16, masks: str | No
     side: dict[str, torch.Tensor] = {}
     attack_mask = None
     if "attack_mask" in augment.needs_side or masks:
-        from advpipe.pipeline.streaming import attack_mask_source
-
         attack_mask = attack_mask_source(masks, ds, torch.device("cpu"))(index)
         side["attack_mask"] = attack_mask
     batch = Batch(images, ds.labels[:n], index, side)
@@ -61,8 +65,6 @@ def preview_augment(name: str, ds: DatasetSplit, *, n: int = 16, masks: str | No
 
 def save_preview(preview: Preview, path: str | Path, title: str) -> Path:
     """Draw a preview as a grid with one column per sample."""
-    from advpipe.viz import save_image_grid
-
     rows = [preview.original]
     names = ["original"]
     if preview.attack_mask is not None:

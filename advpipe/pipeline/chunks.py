@@ -1,0 +1,229 @@
+"""Running a mask store's pending chunks: the part of the precompute stage that any victim and data share.
+
+The command's :func:`advpipe.pipeline.precompute.precompute_masks` (a checkpoint and a dataset by
+name) and the library's :func:`advpipe.pipeline.objects.precompute_masks` (an ``nn.Module`` and
+tensors) both describe their run as a :class:`StoreRun` plus a *chunk task*: a picklable callable
+``task(writer, index) -> ChunkOutcome`` that attacks chunk ``index`` and writes it. :func:`run_store`
+then does the rest the same way for both: refuse or resume the store, run each pending chunk once
+(in this process, or as one dask task per chunk), report progress and finalize.
+:func:`attack_chunk` is the attack loop of one chunk that both tasks call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
+from advpipe.cluster import dask_cluster
+from advpipe.data.user import to_uint8
+from advpipe.errors import AdvpipeError
+from advpipe.pipeline.codecs import METRICS
+from advpipe.pipeline.store import MaskStoreWriter, create_store, open_store, sample_hash
+from advpipe.progress import task
+
+__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_chunk", "chunk_seed",
+           "finished_chunk", "run_store"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What one finished chunk reports back to the runner."""
+
+    index: int
+    n_images: int
+    n_success: int
+    seconds: float
+
+
+ChunkTask = Callable[[MaskStoreWriter, int], ChunkOutcome]
+
+
+@dataclass
+class PrecomputeResult:
+    """A finished run: where the store is, its summary and how much work this invocation did."""
+
+    path: Path
+    summary: dict[str, Any]
+    provenance: dict[str, Any]
+    n_chunks: int
+    chunks_run: int
+    chunks_already_done: int
+    images_run: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoreRun:
+    """Where and how to run a store's chunks.
+
+    ``provenance`` is the store's caller section (see :func:`advpipe.pipeline.provenance.new_attrs`).
+    ``workers`` = 0 runs in this process, None = one dask worker per visible GPU (one on CPU);
+    ``scheduler`` is the address of an existing dask scheduler. ``overwrite_hint`` is how the
+    caller's user asks for an overwrite, named in the store's refusals (the command says ``--overwrite``).
+    """
+
+    path: Path
+    n: int
+    image_shape: tuple[int, int, int]
+    chunk_size: int
+    provenance: dict[str, Any]
+    overwrite: bool = False
+    workers: int | None = 0
+    scheduler: str | None = None
+    device: str = "auto"
+    overwrite_hint: str = "overwrite=True"
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of chunk ``index``: a hash of (seed, index), so it never depends on the worker."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
+
+
+def finished_chunk(writer: MaskStoreWriter, index: int, started: float) -> ChunkOutcome | None:
+    """The outcome of chunk ``index`` if it is already done (a rescheduled task), else None."""
+    if index in writer.pending_chunks():
+        return None
+    # A worker that died after its chunk was marked done gets rescheduled by dask; the store keeps
+    # the first result, so report it instead of attacking again.
+    start, stop = writer.chunk_bounds(index)
+    done = open_store(writer.path).metrics()["success"][start:stop]
+    return ChunkOutcome(index, stop - start, int(done.sum()), time.perf_counter() - started)
+
+
+def attack_chunk(writer: MaskStoreWriter, index: int, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 attack: SparseAttackConfig, *, batch_size: int, seed: int, device: torch.device,
+                 started: float) -> ChunkOutcome:
+    """Attack the (n,C,H,W) ``images`` of chunk ``index`` in batches and write them into the store.
+
+    ``images`` are uint8 (divided by 255 on the device) or floats in [0,1]; the per-sample hashes
+    are over their uint8 form (floats rounded to the nearest 1/255). The generator is seeded from
+    (seed, index). Stored labels are the labels the attack used: the true label, or the target of
+    a targeted attack. The store refuses a chunk that is already done.
+    """
+    generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", *METRICS)}
+    for b in range(0, len(images), batch_size):
+        x = images[b : b + batch_size].to(device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        y = labels[b : b + batch_size].to(device)
+        res = sparse_attack(model, x, y, attack, generator=generator)
+        used = res.targets if attack.targeted and res.targets is not None else y
+        for name, value in (("masks", res.mask), ("labels", used), ("success", res.success),
+                            ("clean_correct", res.clean_correct), ("l0", res.l0_elements), ("l0_pixels", res.l0_pixels),
+                            ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
+            parts[name].append(value.detach().cpu())
+    out = {name: torch.cat(values) for name, values in parts.items()}
+    hashes = sample_hash(to_uint8(images.cpu()).numpy(), layout="NCHW")
+    writer.write_chunk(index, out["masks"], out["labels"], hashes, {name: out[name] for name in METRICS})
+    return ChunkOutcome(index, len(images), int(out["success"].sum()), time.perf_counter() - started)
+
+
+def _complete_with_same_config(run: StoreRun) -> Any:
+    """Return the store at ``run.path`` if it is complete and was made with exactly this configuration."""
+    from advpipe.pipeline.provenance import config_diff, config_of, new_attrs
+
+    if not (run.path / "zarr.json").is_file():
+        return None
+    try:
+        store = open_store(run.path)
+    except AdvpipeError:
+        return None  # create_store reports what is wrong with it
+    if not store.complete:
+        return None
+    wanted = new_attrs(run.provenance, n=run.n, image_shape=run.image_shape, chunk_size=run.chunk_size)
+    return None if config_diff(config_of(store.provenance), config_of(wanted)) else store
+
+
+def _call(chunk_task: ChunkTask, writer: MaskStoreWriter, index: int) -> ChunkOutcome:
+    return chunk_task(writer, index)
+
+
+def _run_dask(client: Any, chunk_task: ChunkTask, writer: MaskStoreWriter, pending: list[int],
+              on_done: Callable[[ChunkOutcome], None]) -> None:
+    from distributed import as_completed
+
+    run = uuid.uuid4().hex[:8]
+    # The task (its model and data) goes to every worker once, not once per chunk.
+    shared = client.scatter(chunk_task, broadcast=True, hash=False)
+    # One task per chunk index, each submitted once: no two tasks ever write the same chunk.
+    futures = [client.submit(_call, shared, writer, i, key=f"advpipe-chunk-{i}-{run}", pure=False) for i in pending]
+    try:
+        for future in as_completed(futures):
+            on_done(future.result())
+    finally:
+        unfinished = [f for f in futures if not f.done()]
+        if unfinished:
+            client.cancel(unfinished)
+
+
+@contextlib.contextmanager
+def _cluster(run: StoreRun) -> Iterator[tuple[Any, str]]:
+    """Yield (client, device string for the workers) of the run's dask cluster, and close it afterwards."""
+    with dask_cluster(run.scheduler, run.device, run.workers) as pair:
+        yield pair
+
+
+def run_store(run: StoreRun, make_task: Callable[[str, bool], ChunkTask],
+              warnings: list[str] | None = None) -> PrecomputeResult:
+    """Run every pending chunk of the store ``run`` describes, finalize it and return its summary.
+
+    ``make_task(device, in_process)`` builds the chunk task for the device string the chunks run on
+    (``run.device`` in this process, or the dask workers' device). Refuses (AdvpipeError) a store
+    made for another configuration unless ``overwrite`` and a store another process is writing;
+    resumes an interrupted one; a complete store of the same configuration just returns its summary.
+    """
+    warnings = list(warnings or [])
+    started = time.perf_counter()
+    if not run.overwrite and (done := _complete_with_same_config(run)) is not None:
+        log.info("%s is already complete for this configuration", run.path)
+        return PrecomputeResult(run.path, done.provenance["summary"], done.provenance, done.n_chunks, 0, done.n_chunks,
+                                0, 0.0, warnings)
+    with contextlib.ExitStack() as stack:
+        # An unreachable scheduler should fail before a store is created; a local cluster is only
+        # started once the store has accepted the configuration and there is work to do.
+        remote = stack.enter_context(_cluster(run)) if run.scheduler is not None else None
+        try:
+            writer = create_store(run.path, n=run.n, image_shape=run.image_shape, chunk_size=run.chunk_size,
+                                  provenance=run.provenance, overwrite=run.overwrite)
+        except AdvpipeError as exc:
+            if run.overwrite_hint == "overwrite=True":
+                raise
+            raise AdvpipeError(str(exc).replace("pass overwrite=True", f"pass {run.overwrite_hint}")) from None
+        stack.enter_context(writer)  # releases the lock on any exit; chunks done so far stay done
+        pending = writer.pending_chunks()
+        images_pending = sum(b - a for a, b in map(writer.chunk_bounds, pending))
+        counts = {"chunks": 0, "images": 0}
+        with task("precompute masks", total=images_pending, unit="img") as bar:
+            compute_started = time.perf_counter()
+
+            def on_done(outcome: ChunkOutcome) -> None:
+                counts["chunks"] += 1
+                counts["images"] += outcome.n_images
+                rate = counts["images"] / max(time.perf_counter() - compute_started, 1e-9)
+                bar.advance(outcome.n_images, chunks=f"{counts['chunks']}/{len(pending)}", **{"img/s": f"{rate:.2f}"})
+
+            if pending and run.workers == 0:
+                local = make_task(run.device, True)
+                for i in pending:
+                    on_done(local(writer, i))
+            elif pending:
+                client, worker_device = remote or stack.enter_context(_cluster(run))
+                _run_dask(client, make_task(worker_device, False), writer, pending, on_done)
+        summary = writer.finalize()
+        provenance_out = open_store(run.path).provenance
+    return PrecomputeResult(run.path, summary, provenance_out, writer.n_chunks, len(pending),
+                            writer.n_chunks - len(pending), counts["images"], time.perf_counter() - started, warnings)
