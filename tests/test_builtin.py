@@ -38,7 +38,7 @@ def test_unknown_builtin_names_the_choices():
 def test_the_victim_classifies_the_embedded_images(one_thread):
     ck = load_checkpoint(VICTIM)
     model = model_from_checkpoint(ck).eval()
-    for split, floor in (("train", 0.95), ("test", 0.80)):  # embedded train images are its training images
+    for split, floor in (("train", 0.88), ("test", 0.80)):  # embedded train images are its training images
         ds = load_dataset("embedded", split, limit=500)
         acc = evaluate_accuracy(model, DeviceLoader(ds, batch_size=250, train=False, workers=0), ds.num_classes)
         assert acc["top1"] >= floor, (split, acc["top1"])

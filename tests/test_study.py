@@ -180,3 +180,22 @@ def test_study_in_process_reports_across_seeds(tmp_path):
     text = (tmp_path / "s" / "report" / "report.md").read_text()
     assert "Across seeds" in text and "paired" in text
     assert (tmp_path / "s" / "report" / "aggregates.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[1, 2]", b"", b"train: {epochs: abc}\ngrid: {seed: [0]}"])
+def test_unreadable_study_files_and_bad_values_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["study", str(path), "--out", str(tmp_path / "s")])
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+
+
+@pytest.mark.parametrize("content", [b"epochs: abc\n", b"lr: '0.1'\n", b"momentum: .nan\n", b"\xff\xfe"])
+def test_bad_train_config_files_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["train", "--config", str(path), "--out", str(tmp_path / "r")])
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert not (tmp_path / "r" / "last.pt").exists()

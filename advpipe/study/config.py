@@ -26,6 +26,7 @@ import yaml
 
 from advpipe.errors import AdvpipeError
 from advpipe.train.config import TrainConfig
+from advpipe.utils import read_yaml_mapping
 
 _SECTIONS = {"name", "out", "train", "grid", "masks", "evaluate", "report"}
 _MASK_KEYS = {"checkpoint", "eps", "steps", "split", "limit", "batch_size", "seed", "precision", "encoder"}
@@ -94,16 +95,9 @@ def _fail(source: str, message: str) -> AdvpipeError:
 
 def read_study_file(path: str | Path) -> dict[str, Any]:
     """Read a study YAML file into a dict; unreadable or non-mapping files are refused."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise AdvpipeError(f"cannot read study file {str(path)!r}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise AdvpipeError(f"study file {str(path)!r} is not UTF-8 text") from exc
-    except yaml.YAMLError as exc:
-        raise AdvpipeError(f"study file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise AdvpipeError(f"study file {str(path)!r} must hold a mapping with 'train' and 'grid' sections")
+    raw = read_yaml_mapping(path, "study file", "a mapping with 'train' and 'grid' sections")
+    if not raw:
+        raise AdvpipeError(f"study file {str(path)!r} is empty; it needs 'train' and 'grid' sections")
     return raw
 
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from advpipe.errors import AdvpipeError
+from advpipe.utils import read_yaml_mapping
 from advpipe.paths import default_run_dir
 
 
@@ -65,14 +66,7 @@ class TrainConfig:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict of TrainConfig fields (unknown keys are refused)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise AdvpipeError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise AdvpipeError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise AdvpipeError(f"config file {str(path)!r} must hold a mapping of option names to values")
+    raw = read_yaml_mapping(path, "config file", "a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
