@@ -49,8 +49,9 @@ def demo(
                       f"{100 * row['robust_top1']:.2f}%", row["run"])
     out.print(table)
     if result.noise_pp is not None:
-        echo(f"seed noise: std {result.noise_pp:.2f} pp of clean top-1 in this setting, measured over 3 seeds "
-             "(docs/results/demo-noise/); a one-seed difference must exceed 1.96 x sqrt(2) x std to count")
+        echo(f"seed noise: std {result.noise_pp:.2f} pp of clean top-1 in this setting, pooled over none and cutout "
+             "with 3 seeds each (docs/results/demo-noise/); a one-seed difference must exceed 1.96 x sqrt(2) x std "
+             "to count")
     else:
         echo("seed noise: not measured for these settings (only for the defaults); run `advpipe study` with "
              "several seeds to tell")
