@@ -165,8 +165,9 @@ def _run_dask(pending: list[RunSpec], client: Any, worker_device: str, watch: _W
     from distributed import wait
 
     tag = uuid.uuid4().hex[:8]
+    # explicit priorities: dask would otherwise start the last-submitted runs first; the grid's order is the user's
     futures = {client.submit(execute_run, _on_device(s, worker_device), key=f"advpipe-run-{s.name}-{tag}",
-                             pure=False): s.name for s in pending}
+                             pure=False, priority=len(pending) - i): s.name for i, s in enumerate(pending)}
     remaining = set(futures)
     finished: set[str] = set()
     try:
