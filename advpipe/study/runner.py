@@ -257,23 +257,25 @@ def run_study(cfg: StudyConfig, *, workers: int | None = None, scheduler: str | 
                 _run_dask(pending, client, worker_device, watch, on_result)
     finally:
         watch.close()
-    result.wall_s = time.perf_counter() - started
-    _write_summary(cfg, runs, result)
+    ran = time.perf_counter()
     done = [Path(r.train.run_dir()) for r in runs if read_done(Path(r.train.run_dir()))]
     if done:
         from advpipe.eval.report import ReportConfig, build_report
 
         result.report_files = build_report(ReportConfig(runs=tuple(str(d) for d in done), out=str(cfg.out / "report"),
                                                         csv=True, baseline=cfg.baseline)).files
+    result.wall_s = time.perf_counter() - started
+    _write_summary(cfg, runs, result, report_s=time.perf_counter() - ran)
     return result
 
 
-def _write_summary(cfg: StudyConfig, runs: list[RunSpec], result: StudyResult) -> None:
-    """``study.json``: this invocation's timings and the state of every run."""
+def _write_summary(cfg: StudyConfig, runs: list[RunSpec], result: StudyResult, *, report_s: float) -> None:
+    """``study.json``: this invocation's timings (the runs' own, the final report's, the rest) and every run's state."""
     own = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in result.records)
     summary = {"name": cfg.name, "finished": _now(), "host": socket.gethostname(), "wall_s": result.wall_s,
                "runs_total": len(runs), "runs_skipped": result.skipped, "runs_executed": len(result.records),
-               "runs_failed": result.failures, "runs_own_s": own,
-               "overhead_s": result.wall_s - own if result.records else None,
+               "runs_failed": result.failures, "runs_own_s": own, "report_s": report_s,
+               "overhead_s": result.wall_s - own - report_s if result.records else None,
+               "load_average": os.getloadavg(),
                "runs": {r.name: read_done(Path(r.train.run_dir())) for r in runs}, "config": cfg.source}
     atomic_write_text(cfg.out / STUDY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
