@@ -47,7 +47,7 @@ class DemoConfig:
     epochs: int = 12
     batch_size: int = 128
     eps: Fraction = Fraction(8, 255)
-    attack_steps: int = 25
+    attack_steps: int = 50
     robust_attack: str = "fgsm:eps=2/255"
     precision: str = "auto"
     device: str = "auto"

@@ -46,10 +46,10 @@ def test_the_victim_classifies_the_embedded_images(one_thread):
 
 @pytest.mark.slow
 def test_demo_masks_attack_nearly_every_correct_image(tmp_path, one_thread):
-    """The demo's attack (25 steps, 8/255) on the shipped victim: ASR >= 95% on correctly classified images."""
+    """The demo's attack (50 steps, 8/255) on the shipped victim: ASR >= 95% on correctly classified images."""
     from advpipe.pipeline.precompute import PrecomputeConfig, precompute_masks
 
-    result = precompute_masks(PrecomputeConfig(data="embedded", limit=200, checkpoint=VICTIM, steps=25, workers=0,
+    result = precompute_masks(PrecomputeConfig(data="embedded", limit=200, checkpoint=VICTIM, steps=50, workers=0,
                                                device="cpu", out=str(tmp_path / "m.zarr")))
     s = result.summary
     assert s["n_clean_correct"] >= 180 and s["asr"] >= 0.95, s

@@ -22,7 +22,7 @@ def demo(
     model: str = typer.Option("resnet20", "--model", help="Architecture of the trained runs."),
     victim: str = typer.Option("builtin:resnet20-cifar10", "--victim", help="Checkpoint whose attack masks AdvMask uses."),
     epochs: int = typer.Option(12, "--epochs", help="Epochs of each training run."),
-    attack_steps: int = typer.Option(25, "--attack-steps", help="Steps of the sparse attack."),
+    attack_steps: int = typer.Option(50, "--attack-steps", help="Steps of the sparse attack."),
     eps: str = typer.Option("8/255", "--eps", help="l_inf budget of the sparse attack (8/255, 0.03137)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
