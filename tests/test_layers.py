@@ -36,12 +36,7 @@ SIBLINGS = [{"augment", "pipeline"}]
 
 #: Upward imports in files another task is editing now; each entry names what is left to do.
 #: The test fails when one disappears, so the list never outlives the violation.
-KNOWN_EXCEPTIONS = {
-    # pipeline/provenance.py (the store/sharing task owns it): summarize() calls
-    # eval.robustness.summarize_norms; move summarize_norms to a ground or data-level module
-    # (e.g. advpipe/stats.py) and import it from there in both places.
-    ("advpipe.pipeline.provenance", "advpipe.eval.robustness"),
-}
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -57,6 +57,7 @@ from torch import nn
 from advpipe.attacks.dense import least_likely_targets, random_targets
 from advpipe.attacks.encoders import DEFAULT_UNET_BACKBONE, ENCODERS, build_encoder
 from advpipe.attacks.init_attack import INIT_ATTACKS, dense_init
+from advpipe.attacks.norms import perturbation_norms
 from advpipe.errors import AdvpipeError
 from advpipe.progress import task
 from advpipe.registry import Registry
@@ -556,17 +557,16 @@ class _SparseRun:
             success = self._fp32_success(x + delta * mask.unsqueeze(1).float(), label)
             best_step.fill_(cfg.steps)
 
-        applied = delta_out * mask.unsqueeze(1).to(delta_out.dtype)
-        nz = applied != 0
+        norms = perturbation_norms(delta_out * mask.unsqueeze(1).to(delta_out.dtype))
         return SparseAttackResult(
             mask=mask,
             delta=delta_out,
             soft_mask=final_soft,
             success=success,
-            l0_elements=nz.flatten(1).sum(1),
-            l0_pixels=nz.any(dim=1).flatten(1).sum(1),
-            l2=applied.flatten(1).norm(dim=1),
-            linf=applied.flatten(1).abs().amax(dim=1),
+            l0_elements=norms["l0_elements"].long(),
+            l0_pixels=norms["l0_pixels"].long(),
+            l2=norms["l2"],
+            linf=norms["linf"],
             loss=loss_i.detach(),
             l_init=l_init,
             init_success=init_success,

@@ -4,7 +4,7 @@
   keeps per-sample correctness so attack success can be counted against the clean pass.
 * :func:`attack_pass` / :func:`corruption_pass` are the two perturbation families.
 * :func:`robustness_score` is M-TLAT's ``R = A_perturbed / A_clean`` (m-tlat.txt Eq. 7).
-* :func:`perturbation_norms` and :func:`summarize_norms` are the one code path for l0/l2/l_inf
+* :func:`perturbation_norms` and :func:`summarize_norms` (in :mod:`advpipe.attacks.norms`) are the one code path for l0/l2/l_inf
   statistics and attack success rates, shared with the mask-store report (AdvMask Table III
   columns: ASR, l0, l2, l_inf; advmask.txt Sec. V-A).
 """
@@ -15,11 +15,11 @@ import hashlib
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from advpipe import progress
+from advpipe.attacks.norms import perturbation_norms, summarize_norms
 from advpipe.data.batch import Batch
 from advpipe.eval.accuracy import autocast_context
 from advpipe.eval.corruptions import CORRUPTIONS
@@ -30,49 +30,6 @@ Perturb = Callable[[Batch, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- norms
-
-
-def perturbation_norms(delta: torch.Tensor, *, atol: float = 0.0) -> dict[str, torch.Tensor]:
-    """Per-sample norms of a (B,C,H,W) perturbation: l0 elements, l0 pixels, l2 and l_inf, each (B,).
-
-    An element counts for l0 when ``|delta| > atol``; a pixel counts when any of its channels does
-    (AdvMask's l0 counts elements, about 3x the pixel count on RGB; see advmask.txt Table III).
-    All values are float32 on ``delta``'s device.
-    """
-    if delta.dim() != 4:
-        raise ValueError(f"delta must have shape (B,C,H,W), got {tuple(delta.shape)}")
-    d = delta.detach().float()
-    changed = d.abs() > atol
-    flat = d.flatten(1)
-    return {
-        "l0_elements": changed.flatten(1).sum(1).float(),
-        "l0_pixels": changed.any(dim=1).flatten(1).sum(1).float(),
-        "l2": flat.norm(p=2, dim=1) if flat.shape[1] else flat.sum(1),
-        "linf": flat.abs().amax(dim=1) if flat.shape[1] else flat.sum(1),
-    }
-
-
-def summarize_norms(norms: Mapping[str, torch.Tensor | np.ndarray],
-                    success: torch.Tensor | np.ndarray) -> dict[str, Any]:
-    """Attack success rate over the given samples and mean/median of each norm over the successes.
-
-    ``norms`` maps names to (N,) tensors (e.g. :func:`perturbation_norms` outputs, concatenated
-    over batches; numpy arrays work too) and ``success`` is (N,) bool. ASR = successes / N
-    (advmask.txt Sec. V-A: the share of adversarial samples that are misclassified). Means and
-    medians (the average of the two middle values for an even count, as numpy's) over an empty
-    set are ``None`` so the result stays valid JSON.
-    """
-    success = torch.as_tensor(success).detach().bool().flatten().cpu()
-    n, k = int(success.numel()), int(success.sum())
-    out: dict[str, Any] = {"n": n, "successes": k, "asr": k / n if n else None}
-    for name, values in norms.items():
-        values = torch.as_tensor(values).detach().double().flatten().cpu()
-        if values.numel() != n:
-            raise ValueError(f"norm {name!r} has {values.numel()} values for {n} samples")
-        chosen = values[success]
-        out[name] = ({"mean": float(chosen.mean()), "median": float(chosen.quantile(0.5))} if k
-                     else {"mean": None, "median": None})
-    return out
 
 
 # --------------------------------------------------------------------------- scores

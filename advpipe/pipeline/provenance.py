@@ -260,10 +260,10 @@ def summarize(metrics: dict[str, np.ndarray]) -> dict[str, Any]:
     model already misclassifies are counted in ``n`` only: they "succeed" with an empty mask and
     would inflate the ASR and deflate the norms (Table III attacks correctly classified images, as
     ``advpipe evaluate`` counts robustness). One code path with the evaluation's statistics
-    (:func:`advpipe.eval.robustness.summarize_norms`), flattened into the store's attribute keys.
+    (:func:`advpipe.attacks.norms.summarize_norms`), flattened into the store's attribute keys.
     Means and medians are ``None`` when no image was attacked successfully.
     """
-    from advpipe.eval.robustness import summarize_norms
+    from advpipe.attacks.norms import summarize_norms
 
     attacked = np.asarray(metrics["clean_correct"], dtype=bool)
     success = np.asarray(metrics["success"], dtype=bool)

@@ -30,7 +30,7 @@ def store_summary(store: MaskStore, *, recompute: bool = False) -> tuple[dict[st
     asr, and ``<norm>_mean``/``<norm>_median`` over successful images, all over the images classified
     correctly before the attack); it is None if no chunk is done.
     ``recompute`` computes it from the per-image arrays even for a complete store, through the
-    same function the store and the evaluation use (:func:`advpipe.eval.robustness.summarize_norms`).
+    same function the store and the evaluation use (:func:`advpipe.attacks.norms.summarize_norms`).
     """
     if store.complete and not recompute:
         return store.provenance["summary"], store.n_chunks
