@@ -20,6 +20,8 @@ from advpipe.eval.aggregate import Comparison, Summary, compare, summarize, with
 #: config keys that never make two runs different experiments
 IGNORED_KEYS = {"seed", "out", "resume", "overwrite", "device", "workers", "data_dir", "download"}
 BEST_VAL = "test@best-val"
+#: config keys that differ between rows only because their ``aug`` differs
+IMPLIED_BY_AUG = {"masks", "aug_options", "method_options"}
 
 
 @dataclass
@@ -70,6 +72,8 @@ def group_rows(runs: Sequence[Any], baseline: str | None) -> tuple[list[Row], Ro
         groups.setdefault(_key(run.config), []).append((i, run))
     configs = [{k: v for k, v in members[0][1].config.items() if k not in IGNORED_KEYS} for members in groups.values()]
     differing = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
+    if "aug" in differing:  # the mask store follows from the augmentation; naming it adds only a path
+        differing = [k for k in differing if k not in IMPLIED_BY_AUG] or differing
     rows = []
     for members, config in zip(groups.values(), configs):
         if not config:  # no config.yaml: the run is its own row
@@ -88,6 +92,7 @@ def group_rows(runs: Sequence[Any], baseline: str | None) -> tuple[list[Row], Ro
         row.summaries = {m: summarize(list(v.values())) for m, v in row.values.items()}
         rows.append(row)
     base = _pick_baseline(rows, baseline)
+    rows.sort(key=lambda r: (r is not base, r.label))  # the baseline first, then by name
     if base is not None:
         for row in rows:
             if row is not base:
