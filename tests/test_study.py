@@ -153,7 +153,8 @@ def test_study_killed_mid_run_resumes_without_training_from_scratch(tmp_path):
     assert "ran 1 run(s), skipped 1" in rerun.stdout
     assert len(_attempts(first)) == 1  # finished: skipped, never started again
     tries = _attempts(second)
-    assert len(tries) == 2 and tries[0]["from_epoch"] == 0 and tries[1]["from_epoch"] >= 2  # resumed
+    # resumed, not from scratch (metrics.jsonl is written just before last.pt, so the kill may fall between)
+    assert len(tries) == 2 and tries[0]["from_epoch"] == 0 and tries[1]["from_epoch"] >= 1
     metrics = [json.loads(ln) for ln in (second / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert (out / "report" / "report.md").is_file() and (out / "report" / "aggregates.json").is_file()
