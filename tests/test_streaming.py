@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from helpers.sharing import tiny_store
 import pytest
 import torch
 
 from advpipe.data.datasets import load_dataset
 from advpipe.data.loader import DeviceLoader
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.store import create_store, sample_hash
 from advpipe.pipeline.streaming import ChunkCache, ResidentMasks, attack_mask_source, find_store, open_for_training
 from advpipe.train.config import TrainConfig
 from advpipe.train.loop import train
@@ -23,23 +23,7 @@ def fake_masks(ds) -> np.ndarray:
 
 
 def write_store(path, ds, *, chunk_size=64, finalize=True, masks=None):
-    masks = fake_masks(ds) if masks is None else masks
-    prov = {"dataset": {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint},
-            "model": {"arch": "resnet20", "checkpoint_sha256": "0" * 64, "clean_accuracy": 0.5},
-            "attack": {"eps": "8/255", "steps": 1}, "seed": 0}
-    hashes = sample_hash(ds.images.numpy(), layout="NCHW")
-    with create_store(path, n=len(ds), image_shape=ds.image_shape, chunk_size=chunk_size, provenance=prov) as w:
-        for i in w.pending_chunks():
-            a, b = w.chunk_bounds(i)
-            m = masks[a:b]
-            px = m.reshape(len(m), -1).sum(1)
-            w.write_chunk(i, m, ds.labels[a:b].numpy(), hashes[a:b],
-                          {"success": np.ones(b - a, bool), "clean_correct": np.ones(b - a, bool), "l0": 3 * px, "l0_pixels": px,
-                           "l2": np.full(b - a, 0.5, np.float32), "linf": np.full(b - a, 8 / 255, np.float32),
-                           "loss": np.zeros(b - a, np.float32)})
-        if finalize:
-            w.finalize()
-    return path
+    return tiny_store(path, ds, chunk_size=chunk_size, finalize=finalize, masks=fake_masks(ds) if masks is None else masks)
 
 
 @pytest.fixture(scope="module")

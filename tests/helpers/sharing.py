@@ -20,11 +20,12 @@ import pytest
 BUCKET = "team"
 
 
-def tiny_store(path: Path, ds, *, chunk_size: int = 16, finalize: bool = True, invert: bool = False) -> Path:
-    """A store of ``ds`` with masks derived from the images (``invert`` flips them: same layout, other bytes)."""
+def tiny_store(path: Path, ds, *, chunk_size: int = 16, finalize: bool = True, invert: bool = False,
+               masks: np.ndarray | None = None) -> Path:
+    """A store of ``ds`` with masks derived from the images (``invert`` flips them: same layout, other bytes), or ``masks``."""
     from advpipe.pipeline.store import create_store, sample_hash
 
-    masks = (ds.images[:, 0] > 200).numpy() ^ invert
+    masks = ((ds.images[:, 0] > 200).numpy() ^ invert) if masks is None else masks
     prov = {"dataset": {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint},
             "model": {"arch": "resnet20", "checkpoint_sha256": "0" * 64, "clean_accuracy": 0.5},
             "attack": {"eps": "8/255", "steps": 1}, "seed": 0}
