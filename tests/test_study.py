@@ -100,6 +100,10 @@ def test_grid_expands_to_named_runs(tmp_path):
     ({"train": {**TINY["train"], "model": "resnet9000"}}, "unknown model"),
     ({"evaluate": {"attacks": ["pgd:eps=banana"]}}, "pgd"),
     ({"flavour": 1}, "unknown sections"),
+    ({"grid": {"aug": ["advmask"]}, "masks": {"checkpoint": "builtin:resnet20-cifar10",
+                                               "attack_options": {"lambda_rule": "sideways"}}}, "sideways"),
+    ({"grid": {"aug": ["advmask"]}, "masks": {"checkpoint": "builtin:resnet20-cifar10",
+                                               "attack_options": {"colour": 1}}}, "colour"),
 ])
 def test_bad_study_is_refused_before_any_run(tmp_path, change, needle):
     path = _write(tmp_path, {**TINY, **change})
@@ -108,6 +112,36 @@ def test_bad_study_is_refused_before_any_run(tmp_path, change, needle):
     lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_mask_attack_options_reach_the_precompute_config(tmp_path):
+    study = {**TINY, "grid": {"aug": ["advmask"], "seed": [0]},
+             "masks": {"checkpoint": "builtin:resnet20-cifar10", "steps": 5,
+                       "attack_options": {"lambda_rule": "adaptive", "alpha_schedule": "linear"}}}
+    cfg = parse_study(study, out=str(tmp_path))
+    assert cfg.masks.attack_options == {"lambda_rule": "adaptive", "alpha_schedule": "linear"}
+    from advpipe.pipeline.precompute import PrecomputeConfig, attack_config
+
+    attack = attack_config(PrecomputeConfig(checkpoint="x", steps=5, attack_options=cfg.masks.attack_options))
+    assert (attack.lambda_rule, attack.alpha_schedule, attack.steps) == ("adaptive", "linear", 5)
+
+
+def test_rows_that_differ_only_in_their_mask_store_keep_apart():
+    from types import SimpleNamespace
+
+    from advpipe.eval.seed_report import group_rows
+
+    def run(aug, masks, seed, acc):
+        config = {"aug": aug, "masks": masks, "seed": seed, "epochs": 3}
+        return SimpleNamespace(name=f"{aug}-{seed}", config=config, metrics=[], method=aug,
+                               result={"clean": {"top1": acc}, "attacks": {}, "checkpoint": {"path": "last.pt"}})
+
+    runs = [run("none", None, s, 50 + s) for s in (0, 1)] + [run("advmask", "a/masks.zarr", s, 40 + s) for s in (0, 1)]
+    runs += [run("advmask", "b/masks.zarr", s, 45 + s) for s in (0, 1)]
+    rows, base = group_rows(runs, "none")
+    assert base is not None and base.label.startswith("none")
+    labels = [r.label for r in rows]
+    assert len(set(labels)) == 3 and sum("a/masks.zarr" in lb for lb in labels) == 1, labels
 
 
 def test_parse_study_refuses_a_bad_value_in_the_library_too():

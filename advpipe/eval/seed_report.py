@@ -72,14 +72,22 @@ def group_rows(runs: Sequence[Any], baseline: str | None) -> tuple[list[Row], Ro
         groups.setdefault(_key(run.config), []).append((i, run))
     configs = [{k: v for k, v in members[0][1].config.items() if k not in IGNORED_KEYS} for members in groups.values()]
     differing = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
-    if "aug" in differing:  # the mask store follows from the augmentation; naming it adds only a path
+    if "aug" in differing:  # the mask store follows from the augmentation; naming it adds only a path ...
+        implied = [k for k in differing if k in IMPLIED_BY_AUG]
         differing = [k for k in differing if k not in IMPLIED_BY_AUG] or differing
+        # ... unless two groups share every other value (e.g. advmask on two mask stores): then it is shown too
+        if len({tuple(str(c.get(k)) for k in differing) for c in configs}) == len(configs):
+            implied = []
+    else:
+        implied = []
     rows = []
     for members, config in zip(groups.values(), configs):
         if not config:  # no config.yaml: the run is its own row
             label = members[0][1].name
         elif differing:
             label = ", ".join(str(config.get(k)) if len(differing) == 1 else f"{k}={config.get(k)}" for k in differing)
+            extra = ", ".join(f"{k}={config[k]}" for k in implied if config.get(k) not in (None, "", {}))
+            label += f" ({extra})" if extra else ""
         else:
             label = str(config.get("aug", members[0][1].method))
         row = Row(label, config, [run for _, run in members])

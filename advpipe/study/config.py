@@ -29,7 +29,8 @@ from advpipe.train.config import TrainConfig
 from advpipe.utils import read_yaml_mapping
 
 _SECTIONS = {"name", "out", "train", "grid", "masks", "evaluate", "report"}
-_MASK_KEYS = {"checkpoint", "eps", "steps", "split", "limit", "batch_size", "seed", "precision", "encoder"}
+_MASK_KEYS = {"checkpoint", "eps", "steps", "split", "limit", "batch_size", "seed", "precision", "encoder",
+              "attack_options"}
 _EVAL_KEYS = {"attacks", "corruptions", "severities", "checkpoint", "limit"}
 #: TrainConfig fields a study sets itself (per run) or that belong to the command line
 _RESERVED = {"out", "resume", "overwrite", "masks"}
@@ -48,6 +49,8 @@ class MaskSpec:
     seed: int = 0
     precision: str = "auto"
     encoder: str | None = None
+    #: any other SparseAttackConfig field, as precompute's ``--attack-opt`` (e.g. ``lambda_rule: adaptive``)
+    attack_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,19 @@ def _mask_spec(raw: dict, source: str) -> MaskSpec:
         raise _fail(source, "masks.checkpoint is required (a path or builtin:NAME)")
     values = dict(raw)
     values["eps"] = parse_fraction(str(values.get("eps", "8/255")), name="masks.eps")
-    return MaskSpec(**values)
+    options = values.get("attack_options") or {}
+    if not isinstance(options, dict):
+        raise _fail(source, f"masks.attack_options must be a mapping, got {options!r}")
+    values["attack_options"] = {str(k): v for k, v in options.items()}
+    spec = MaskSpec(**values)
+    from advpipe.pipeline.precompute import PrecomputeConfig, attack_config
+
+    try:  # the attack validates its own options, so a bad one is refused before any run starts
+        attack_config(PrecomputeConfig(data="embedded", checkpoint=spec.checkpoint, eps=spec.eps, steps=spec.steps,
+                                       attack_options=spec.attack_options))
+    except (AdvpipeError, TypeError, ValueError) as exc:
+        raise _fail(source, f"masks.attack_options: {exc}") from exc
+    return spec
 
 
 def _as_list(value: Any) -> list:

@@ -216,7 +216,8 @@ def precompute_study_masks(cfg: StudyConfig, *, workers: int | None, scheduler: 
     precompute_masks(PrecomputeConfig(data=data, checkpoint=m.checkpoint, split=m.split, data_dir=data_dir,
                                       limit=limit, eps=m.eps, steps=m.steps, encoder=m.encoder, precision=m.precision,
                                       batch_size=m.batch_size or DEFAULT_BATCH_SIZE, workers=workers,
-                                      scheduler=scheduler, device=device, seed=m.seed, out=str(cfg.store_path)))
+                                      scheduler=scheduler, device=device, seed=m.seed, out=str(cfg.store_path),
+                                      attack_options=m.attack_options))
     return cfg.store_path
 
 
