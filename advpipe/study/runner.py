@@ -266,17 +266,32 @@ def run_study(cfg: StudyConfig, *, workers: int | None = None, scheduler: str | 
         result.report_files = build_report(ReportConfig(runs=tuple(str(d) for d in done), out=str(cfg.out / "report"),
                                                         csv=True, baseline=cfg.baseline)).files
     result.wall_s = time.perf_counter() - started
-    _write_summary(cfg, runs, result, report_s=time.perf_counter() - ran)
+    _write_summary(cfg, runs, result, report_s=time.perf_counter() - ran, parallel=_parallel(workers, scheduler))
     return result
 
 
-def _write_summary(cfg: StudyConfig, runs: list[RunSpec], result: StudyResult, *, report_s: float) -> None:
-    """``study.json``: this invocation's timings (the runs' own, the final report's, the rest) and every run's state."""
+def _parallel(workers: int | None, scheduler: str | None) -> bool:
+    """Whether runs may have overlapped: an existing cluster, several workers, or one per GPU on several GPUs."""
+    import torch
+
+    return scheduler is not None or (workers or 0) > 1 or (workers is None and torch.cuda.device_count() > 1)
+
+
+def _write_summary(cfg: StudyConfig, runs: list[RunSpec], result: StudyResult, *, report_s: float,
+                   parallel: bool = False) -> None:
+    """``study.json``: this invocation's timings (the runs' own, the final report's, the rest) and every run's state.
+
+    The overhead (wall time less the runs' own and the report's) is defined only when the runs ran
+    one at a time; with several workers the runs overlap, and ``parallel_speedup`` (own / wall)
+    is recorded instead.
+    """
     own = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in result.records)
+    overhead = result.wall_s - own - report_s if result.records and not parallel else None
     summary = {"name": cfg.name, "finished": _now(), "host": socket.gethostname(), "wall_s": result.wall_s,
                "runs_total": len(runs), "runs_skipped": result.skipped, "runs_executed": len(result.records),
                "runs_failed": result.failures, "runs_own_s": own, "report_s": report_s,
-               "overhead_s": result.wall_s - own - report_s if result.records else None,
+               "overhead_s": overhead, "parallel": parallel,
+               "parallel_speedup": own / result.wall_s if parallel and result.wall_s > 0 else None,
                "load_average": os.getloadavg(),
                "runs": {r.name: read_done(Path(r.train.run_dir())) for r in runs}, "config": cfg.source}
     atomic_write_text(cfg.out / STUDY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
