@@ -44,6 +44,7 @@ _EXPORTS = {
     "pgd": "advpipe.attacks.dense",
     "apgd": "advpipe.attacks.apgd",
     "apgd_targeted": "advpipe.attacks.apgd",
+    "ATTACKS": "advpipe.attacks.registry",
     # precompute from objects
     "PrecomputeResult": "advpipe.pipeline.chunks",
     "precompute_masks": "advpipe.pipeline.objects",

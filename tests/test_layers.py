@@ -3,7 +3,7 @@
 Every module under advpipe/ is parsed with ``ast``; every ``import`` and ``from ... import`` of an
 advpipe module, at the top or inside a function, counts. Lowest first:
 
-0. ground helpers: errors, progress, registry, utils, cluster, paths, precision, viz
+0. ground helpers: errors, progress, registry, utils, cluster, paths, precision, rng, viz
 1. data   2. models   3. attacks   4. augment, pipeline (siblings: neither imports the other)
 5. train, eval, api (the library facade)   6. study, demo, preview   7. commands, cli, cli_util, __main__
 
@@ -21,7 +21,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "advpipe"
 
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("errors", "progress", "registry", "utils", "cluster", "paths", "precision", "viz"), 0),
+    **dict.fromkeys(("errors", "progress", "registry", "utils", "cluster", "paths", "precision", "rng", "viz"), 0),
     "data": 1,
     "models": 2,
     "attacks": 3,

@@ -265,7 +265,7 @@ def test_exported_state_loads_into_the_plain_net_with_identical_logits() -> None
 
 
 def test_advprop_attacks_through_the_auxiliary_bns(monkeypatch: pytest.MonkeyPatch) -> None:
-    import advpipe.train.advprop as advprop_module
+    import advpipe.attacks.registry as registry_module  # AdvProp runs the registry's "pgd" kind
 
     routes = []
 
@@ -273,7 +273,7 @@ def test_advprop_attacks_through_the_auxiliary_bns(monkeypatch: pytest.MonkeyPat
         routes.append({m.route for m in unwrap(model).modules() if isinstance(m, DualBatchNorm2d)})
         return pgd(model, x, y, **kwargs)
 
-    monkeypatch.setattr(advprop_module, "pgd", spy)
+    monkeypatch.setattr(registry_module, "pgd", spy)
     method = build_method("advprop", CTX)
     model = method.prepare(_model()).train()
     aux_before = unwrap(model).features[1].aux.running_mean.clone()

@@ -17,8 +17,8 @@ A sample counts as broken if *any* iterate is misclassified; the attack returns 
 broken samples and the highest-loss iterate otherwise (clean-misclassified samples come back
 unchanged). Restarts attack only the samples not broken yet. APGD-T runs the targeted DLR loss
 towards each of the ``targets`` classes with the highest clean logits after the top one, on the
-samples still unbroken. The loss, projection and gradient come from the shared dense-attack
-primitives (:mod:`advpipe.attacks.dense`, :mod:`advpipe.attacks.losses`); the same contract holds:
+samples still unbroken. The loss, projection, sign step and gradient come from the shared attack
+primitives (:mod:`advpipe.attacks.primitives`, :mod:`advpipe.attacks.losses`); the same contract holds:
 [0,1] outputs in the eps ball, model mode untouched, randomness only from ``generator``.
 
 Example::
@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from advpipe.attacks.dense import _box, _check_inputs, _generator_for, _input_grad_and_logits
 from advpipe.attacks.losses import LOSSES
+from advpipe.attacks.primitives import (check_inputs, generator_for, input_grad_and_logits, linf_bounds,
+                                        per_sample, project, sign_step)
 from advpipe.errors import AdvpipeError
 
 RHO = 0.75
@@ -67,21 +68,17 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
     return -(z_y - z_t) / (ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + 1e-12)
 
 
-def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.view(-1, *([1] * (like.dim() - 1)))
-
-
 def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss, *, eps: float, steps: int,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run from a random start: (adversarial images, broken mask)."""
     first, minimum, shrink = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
-    lower, upper = _box(x, eps)
+    bounds = linf_bounds(x, eps)
     t = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(2).sub_(1)
     peak = t.flatten(1).abs().amax(1).clamp_min(1e-12)
-    x_adv = (x + eps * t / _rows(peak, t)).clamp_(lower, upper)
+    x_adv = project(x + eps * t / per_sample(peak, t), bounds)
 
     def evaluate(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grad, logits = _input_grad_and_logits(model, images, y, loss_fn, False)
+        grad, logits = input_grad_and_logits(model, images, y, loss_fn, False)
         return grad, loss_fn(logits, y), logits.argmax(1) != y
 
     grad, loss, broken = evaluate(x_adv)
@@ -94,28 +91,28 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss,
     reduced_at_check = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for i in range(steps):
         alpha = MOMENTUM if i > 0 else 1.0
-        z = (x_adv + _rows(step, x_adv) * grad.sign()).clamp_(lower, upper)
-        x_new = (x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - x_old)).clamp_(lower, upper)
+        z = project(sign_step(x_adv.clone(), grad, step), bounds)
+        x_new = project(x_adv + alpha * (z - x_adv) + (1 - alpha) * (x_adv - x_old), bounds)
         x_old, x_adv = x_adv, x_new
         grad, loss, wrong = evaluate(x_adv)
-        x_broken = torch.where(_rows(wrong, x_adv), x_adv, x_broken)
+        x_broken = torch.where(per_sample(wrong, x_adv), x_adv, x_broken)
         broken |= wrong
         increases += (loss > previous).float()
         previous = loss
         better = loss > loss_best
-        x_best = torch.where(_rows(better, x_adv), x_adv, x_best)
-        grad_best = torch.where(_rows(better, grad), grad, grad_best)
+        x_best = torch.where(per_sample(better, x_adv), x_adv, x_best)
+        grad_best = torch.where(per_sample(better, grad), grad, grad_best)
         loss_best = torch.where(better, loss, loss_best)
         count += 1
         if count == period:
             reduce = (increases <= period * RHO) | (~reduced_at_check & (best_at_check >= loss_best))
             reduced_at_check, best_at_check = reduce, loss_best.clone()
             step = torch.where(reduce, step / 2, step)
-            x_adv = torch.where(_rows(reduce, x_adv), x_best, x_adv)
-            grad = torch.where(_rows(reduce, grad), grad_best, grad)
+            x_adv = torch.where(per_sample(reduce, x_adv), x_best, x_adv)
+            grad = torch.where(per_sample(reduce, grad), grad_best, grad)
             count, period = 0, max(period - shrink, minimum)
             increases.zero_()
-    return torch.where(_rows(broken, x_adv), x_broken, x_best), broken
+    return torch.where(per_sample(broken, x_adv), x_broken, x_best), broken
 
 
 def _attack_unbroken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, broken: torch.Tensor,
@@ -133,13 +130,13 @@ def _attack_unbroken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: to
 
 def _setup(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
-    _check_inputs(x, y, eps=eps, steps=steps)
+    check_inputs(x, y, eps=eps, steps=steps)
     if not isinstance(restarts, int) or restarts < 1:
         raise AdvpipeError(f"APGD restarts must be a positive integer, got {restarts!r}")
     x = x.detach()
     with torch.no_grad():
         logits = model(x).float()
-    return x, logits, logits.argmax(1) != y, _generator_for(x.device, generator)
+    return x, logits, logits.argmax(1) != y, generator_for(x.device, generator)
 
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
@@ -195,4 +192,4 @@ def apgd_worst_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
     if broken.all():
         return first
     second = apgd_targeted(model, x, y, eps=eps, steps=steps, targets=targets, generator=generator, broken=broken)
-    return torch.where(_rows(broken, first), first, second)
+    return torch.where(per_sample(broken, first), first, second)

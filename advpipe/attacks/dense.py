@@ -28,7 +28,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advpipe.attacks.losses import LOSSES, AttackLoss
+from advpipe.attacks.losses import LOSSES
+from advpipe.attacks.primitives import (
+    Scalar,
+    check_inputs,
+    generator_for,
+    linf_bounds,
+    project,
+    sign_ascent,
+    uniform_noise,
+)
 from advpipe.errors import AdvpipeError
 
 
@@ -37,7 +46,7 @@ def fgsm(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
+    eps: Scalar,
     targeted: bool = False,
     loss: str = "ce",
     generator: torch.Generator | None = None,
@@ -45,21 +54,21 @@ def fgsm(
     """Fast Gradient Sign Method: one step ``x + eps * sign(grad)`` (Goodfellow et al., 2015).
 
     m2at.txt Eq. (5); the targeted form (m-tlat.txt Eq. 5, ``x - eps * sign(grad CE(x, target))``)
-    is the same step on the sign-flipped targeted loss. ``generator`` is accepted so that every
-    dense attack has the same call shape; FGSM draws nothing.
+    is the same step on the sign-flipped targeted loss. ``eps`` is one radius or a (B,) tensor
+    with one per sample (M-TLAT draws ``eps ~ U[0, 0.025]`` per sample). ``generator`` is
+    accepted so that every dense attack has the same call shape; FGSM draws nothing.
 
     Example::
 
         x_adv = fgsm(model, images, labels, eps=4 / 255)
     """
-    _check_inputs(x, y, eps=eps)
+    check_inputs(x, y, eps=eps)
     loss_fn = LOSSES.get(loss)
     if x.shape[0] == 0:
         return x.detach().clone()
     x = x.detach()
-    lower, upper = _box(x, eps)
-    grad = _input_grad(model, x, y, loss_fn, targeted)
-    return x.add(grad.sign(), alpha=eps).clamp_(lower, upper)
+    return sign_ascent(model, x.clone(), y, bounds=linf_bounds(x, eps), steps=1, step_size=eps, loss_fn=loss_fn,
+                       targeted=targeted)
 
 
 def pgd(
@@ -67,9 +76,9 @@ def pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
+    eps: Scalar,
     steps: int,
-    step_size: float,
+    step_size: Scalar,
     random_start: bool = True,
     targeted: bool = False,
     loss: str = "ce",
@@ -86,36 +95,28 @@ def pgd(
     With ``early_stop``, each image stays at the first iterate the model classifies adversarially
     (not ``y``; or ``y`` when ``targeted``), which costs no extra forward. ``start`` (B,C,H,W), if
     given, is the first iterate instead of ``x`` or the random start (it is projected into the
-    ball around ``x``), so an earlier run can be continued; nothing is drawn then.
+    ball around ``x``), so an earlier run can be continued; nothing is drawn then. ``eps`` and
+    ``step_size`` may be (B,) tensors (one per sample).
 
     Example::
 
         g = torch.Generator(device=images.device).manual_seed(0)
         x_adv = pgd(model, images, labels, eps=8 / 255, steps=10, step_size=2 / 255, generator=g)
     """
-    _check_inputs(x, y, eps=eps, steps=steps, step_size=step_size)
+    check_inputs(x, y, eps=eps, steps=steps, step_size=step_size)
     loss_fn = LOSSES.get(loss)
     if x.shape[0] == 0:
         return x.detach().clone()
     x = x.detach()
-    lower, upper = _box(x, eps)
+    bounds = linf_bounds(x, eps)
     if start is not None:
         if start.shape != x.shape:
             raise ValueError(f"start must have the shape of x {tuple(x.shape)}, got {tuple(start.shape)}")
-        x_adv = start.detach().to(x.dtype).clone().clamp_(lower, upper)
+        x_adv = project(start.detach().to(x.dtype).clone(), bounds)
     else:
-        x_adv = _start(x, eps, random_start, generator).clamp_(lower, upper)
-    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(steps):
-        grad, logits = _input_grad_and_logits(model, x_adv, y, loss_fn, targeted)
-        if early_stop:
-            pred = logits.argmax(1)
-            active &= pred != y if targeted else pred == y
-            if not active.any():
-                break
-            grad = grad * active.view(-1, *([1] * (grad.dim() - 1)))  # sign(0) = 0: frozen images stay
-        x_adv.add_(grad.sign(), alpha=step_size).clamp_(lower, upper)
-    return x_adv
+        x_adv = project(_start(x, eps, random_start, generator), bounds)
+    return sign_ascent(model, x_adv, y, bounds=bounds, steps=steps, step_size=step_size, loss_fn=loss_fn,
+                       targeted=targeted, early_stop=early_stop)
 
 
 def mifgsm(
@@ -123,9 +124,9 @@ def mifgsm(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
+    eps: Scalar,
     steps: int,
-    step_size: float | None = None,
+    step_size: Scalar | None = None,
     decay: float = 1.0,
     targeted: bool = False,
     loss: str = "ce",
@@ -146,24 +147,17 @@ def mifgsm(
     """
     if step_size is None:
         step_size = eps / steps if isinstance(steps, int) and steps > 0 else 0.0
-    _check_inputs(x, y, eps=eps, steps=steps, step_size=step_size)
+    check_inputs(x, y, eps=eps, steps=steps, step_size=step_size)
     if decay < 0:
         raise AdvpipeError(f"MI-FGSM decay must be >= 0, got {decay}")
     loss_fn = LOSSES.get(loss)
     if x.shape[0] == 0:
         return x.detach().clone()
     x = x.detach()
-    lower, upper = _box(x, eps)
-    x_adv = _start(x, eps, random_start, generator).clamp_(lower, upper)
-    momentum = torch.zeros_like(x)
-    reduce_dims = tuple(range(1, x.dim()))
-    for _ in range(steps):
-        grad = _input_grad(model, x_adv, y, loss_fn, targeted)
-        # The floor only matters for an all-zero gradient, where the sample then keeps its momentum.
-        l1 = grad.abs().sum(dim=reduce_dims, keepdim=True).clamp_min_(torch.finfo(grad.dtype).tiny)
-        momentum.mul_(decay).add_(grad / l1)
-        x_adv.add_(momentum.sign(), alpha=step_size).clamp_(lower, upper)
-    return x_adv
+    bounds = linf_bounds(x, eps)
+    x_adv = project(_start(x, eps, random_start, generator), bounds)
+    return sign_ascent(model, x_adv, y, bounds=bounds, steps=steps, step_size=step_size, loss_fn=loss_fn,
+                       targeted=targeted, decay=decay)
 
 
 @torch.no_grad()
@@ -187,70 +181,13 @@ def random_targets(y: torch.Tensor, num_classes: int, *, generator: torch.Genera
         raise AdvpipeError(f"random targets need at least 2 classes, got {num_classes}")
     if y.dim() != 1:
         raise ValueError(f"y must have shape (B,), got {tuple(y.shape)}")
-    generator = _generator_for(y.device, generator)
+    generator = generator_for(y.device, generator)
     offset = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
     return (y.long() + offset) % num_classes
 
 
-def _input_grad(
-    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: AttackLoss, targeted: bool
-) -> torch.Tensor:
-    """Gradient of the summed per-sample loss w.r.t. the input only (parameters untouched)."""
-    return _input_grad_and_logits(model, x_adv, y, loss_fn, targeted)[0]
-
-
-def _input_grad_and_logits(
-    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: AttackLoss, targeted: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input gradient of :func:`_input_grad` and the (detached) logits of the same forward."""
-    with torch.enable_grad():
-        # A detached view shares x_adv's storage, so the in-place update after this call needs
-        # no copy; the graph holding it is freed by autograd.grad before that update.
-        leaf = x_adv.detach().requires_grad_(True)
-        logits = model(leaf)
-        loss = loss_fn(logits, y, targeted=targeted).sum()
-        (grad,) = torch.autograd.grad(loss, leaf)
-    return grad, logits.detach()
-
-
-def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel bounds of the intersection of the l_inf eps ball around x and [0,1]."""
-    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
-
-
-def _start(x: torch.Tensor, eps: float, random_start: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _start(x: torch.Tensor, eps: Scalar, random_start: bool, generator: torch.Generator | None) -> torch.Tensor:
     """A fresh copy of x, plus uniform noise in [-eps, eps] when random_start."""
     if not random_start:
         return x.clone()
-    generator = _generator_for(x.device, generator)
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return noise.mul_(2 * eps).sub_(eps).add_(x)
-
-
-def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
-    """The caller's generator (checked to be on ``device``) or a fresh default-seeded one."""
-    if generator is None:
-        return torch.Generator(device=device)
-    gen_device = torch.device(generator.device)
-    same = gen_device.type == device.type and (
-        gen_device.index is None or device.index is None or gen_device.index == device.index
-    )
-    if not same:
-        raise ValueError(f"generator is on {gen_device} but the tensors are on {device}")
-    return generator
-
-
-def _check_inputs(
-    x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int | None = None, step_size: float | None = None
-) -> None:
-    """Reject malformed tensors (ValueError) and invalid attack settings (AdvpipeError)."""
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point image batch, got {x.dtype}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if not eps >= 0:
-        raise AdvpipeError(f"attack eps must be >= 0, got {eps}")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise AdvpipeError(f"attack steps must be a positive integer, got {steps!r}")
-    if step_size is not None and not step_size >= 0:
-        raise AdvpipeError(f"attack step_size must be >= 0, got {step_size}")
+    return uniform_noise(x, eps, generator).add_(x)

@@ -94,10 +94,10 @@ class UNetEncoder(nn.Module):
             # Building on "meta" allocates nothing and draws nothing from the global RNG.
             with torch.device("meta"):
                 net = smp.Unet(backbone, encoder_weights=None, in_channels=c, classes=1)
-        except KeyError:
+        except KeyError as exc:
             raise AdvpipeError(
                 f"unknown U-Net backbone {backbone!r}; see segmentation_models_pytorch.encoders.get_encoder_names()"
-            ) from None
+            ) from exc
         single_value_safe(net)
         net.to_empty(device=device)
         init_from_generator(net, generator)

@@ -2,7 +2,9 @@
 
 The paper normalises the classification loss by ``L_init``, "the loss of cross entropy with
 successful attack" computed by a dense attack "such as PGD and MI-FGSM". :func:`dense_init` runs
-the configured attack of :data:`INIT_ATTACKS` for ``init_steps`` steps and then makes the attack
+the configured kind of the one attack registry (:data:`advpipe.attacks.registry.ATTACKS`; the
+kinds that may give ``L_init`` are :data:`INIT_ATTACKS`) with the sparse attack's eps, ``init_steps``
+steps of ``init_step_size``, targeted when the sparse attack is, and then makes the attack
 *successful* wherever it can: every image the model does not yet classify adversarially (not its
 label; its target when targeted) continues with PGD from where it stands, same eps and step size,
 no restart, each image stopped at its first success, for at most ``init_extra_steps`` more steps.
@@ -16,52 +18,35 @@ float32.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from advpipe.attacks.dense import mifgsm, pgd
-from advpipe.registry import Registry
+from advpipe.attacks.dense import pgd
+from advpipe.attacks.primitives import is_adversarial
+from advpipe.attacks.registry import ATTACKS, AttackKind
+from advpipe.errors import AdvpipeError
 
 if TYPE_CHECKING:
-    from advpipe.attacks.sparse import SparseAttackConfig
+    from advpipe.attacks.sparse_config import SparseAttackConfig
 
-
-def _init_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SparseAttackConfig,
-              generator: torch.Generator) -> torch.Tensor:
-    """PGD (random start) on the sparse attack's eps, for L_init."""
-    return pgd(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
-               random_start=True, targeted=cfg.targeted, generator=generator)
-
-
-def _init_pgd_early(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SparseAttackConfig,
-                    generator: torch.Generator) -> torch.Tensor:
-    """PGD as ``_init_pgd``, but each image stops at its first successful iterate (L_init "at success")."""
-    return pgd(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
-               random_start=True, targeted=cfg.targeted, generator=generator, early_stop=True)
-
-
-def _init_mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SparseAttackConfig,
-                 generator: torch.Generator) -> torch.Tensor:
-    """MI-FGSM (decay 1) on the sparse attack's eps, for L_init."""
-    return mifgsm(model, x, y, eps=float(cfg.eps), steps=cfg.init_steps, step_size=float(cfg.init_step_size),
-                  decay=1.0, targeted=cfg.targeted, generator=generator)
-
-
-#: dense attacks that provide L_init (advmask.txt Sec. III-A c: "such as PGD and MI-FGSM"); the default
+#: the registry kinds that provide L_init (advmask.txt Sec. III-A c: "such as PGD and MI-FGSM"); the default
 #: "pgd-early" stops each image at its first success (docs/attack.md has the sweep that chose it)
-INIT_ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("initial attack")
-INIT_ATTACKS.register("pgd", _init_pgd)
-INIT_ATTACKS.register("pgd-early", _init_pgd_early)
-INIT_ATTACKS.register("mifgsm", _init_mifgsm)
+INIT_ATTACKS: tuple[str, ...] = ("mifgsm", "pgd", "pgd-early")
+
+
+def init_attack_kind(name: str) -> AttackKind:
+    """The registry kind behind ``init_attack=name``; an AdvpipeError lists the choices for any other name."""
+    if name not in INIT_ATTACKS:
+        raise AdvpipeError(f"unknown initial attack {name!r}; choose one of: {', '.join(INIT_ATTACKS)}")
+    return ATTACKS.get(name)
 
 
 @torch.no_grad()
 def _adversarial(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
     """(B,) bool: the model classifies ``x_adv`` as ``y`` (targeted) or as anything but ``y``."""
-    pred = model(x_adv).argmax(1)
-    return pred == y if targeted else pred != y
+    return is_adversarial(model(x_adv).argmax(1), y, targeted)
 
 
 def continue_until_success(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *,
@@ -85,6 +70,8 @@ def continue_until_success(model: nn.Module, x: torch.Tensor, x_adv: torch.Tenso
 def dense_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SparseAttackConfig,
                generator: torch.Generator) -> torch.Tensor:
     """The dense attack whose cross-entropy is ``L_init``: ``cfg.init_attack``, then continued to success (capped)."""
-    x_init = INIT_ATTACKS.get(cfg.init_attack)(model, x, y, cfg, generator)
+    kind = init_attack_kind(cfg.init_attack)
+    x_init = kind(model, x, y, eps=cfg.eps, steps=cfg.init_steps, step=cfg.init_step_size, targeted=cfg.targeted,
+                  generator=generator)
     return continue_until_success(model, x, x_init, y, eps=float(cfg.eps), step_size=float(cfg.init_step_size),
                                   steps=cfg.init_extra_steps, targeted=cfg.targeted)

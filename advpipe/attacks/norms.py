@@ -11,6 +11,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+#: the names of :func:`perturbation_norms`' outputs, in order
+NORM_NAMES = ("l0_elements", "l0_pixels", "l2", "linf")
+
 
 def perturbation_norms(delta: torch.Tensor, *, atol: float = 0.0) -> dict[str, torch.Tensor]:
     """Per-sample norms of a (B,C,H,W) perturbation: l0 elements, l0 pixels, l2 and l_inf, each (B,).

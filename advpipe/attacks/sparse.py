@@ -32,6 +32,12 @@ recommended: 100% ASR with about half the l0 of the paper's rules on our ResNet-
 ``delta`` is also kept inside ``[-x, 1-x]`` (the image box), so ``x + delta * m`` never needs the
 clamp and the reported norms are those of the perturbation actually applied.
 
+The pieces live in files of one job each, and every name is importable from here:
+:mod:`~advpipe.attacks.sparse_config` (:class:`SparseAttackConfig`), :mod:`~advpipe.attacks.sparse_rules`
+(alpha schedules, lambda rules, target pickers), :mod:`~advpipe.attacks.sparse_result`
+(:class:`SparseAttackResult`, :class:`StepInfo`) and :mod:`~advpipe.attacks.init_attack` (``L_init``).
+The projection, the MI-FGSM update and the success test are :mod:`advpipe.attacks.primitives`.
+
 Example::
 
     cfg = SparseAttackConfig(eps=Fraction(8, 255))
@@ -43,318 +49,46 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-from dataclasses import dataclass
-from fractions import Fraction
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpipe.attacks.dense import least_likely_targets, random_targets
-from advpipe.attacks.encoders import DEFAULT_UNET_BACKBONE, ENCODERS, build_encoder
+from advpipe.attacks.encoders import build_encoder
 from advpipe.attacks.init_attack import INIT_ATTACKS, dense_init
-from advpipe.attacks.norms import perturbation_norms
+from advpipe.attacks.primitives import (
+    check_generator,
+    is_adversarial,
+    linf_bounds,
+    momentum_update,
+    project,
+    sign_step,
+    uniform_noise,
+)
+from advpipe.attacks.sparse_config import AUTOCAST, SMALL_IMAGE_PIXELS, SparseAttackConfig
+from advpipe.attacks.sparse_result import SparseAttackResult, StepInfo, empty_result, result_from
+from advpipe.attacks.sparse_rules import (
+    ALPHA_SCHEDULES,
+    LAMBDA_RULES,
+    TARGETS,
+    AlphaSchedule,
+    LambdaRule,
+    cosine_alpha,
+    geometric_alpha,
+    linear_alpha,
+)
 from advpipe.errors import AdvpipeError
 from advpipe.progress import task
-from advpipe.registry import Registry
+
+__all__ = [
+    "ALPHA_SCHEDULES", "INIT_ATTACKS", "LAMBDA_RULES", "SMALL_IMAGE_PIXELS", "TARGETS", "AlphaSchedule", "LambdaRule",
+    "SparseAttackConfig", "SparseAttackResult", "StepInfo", "cosine_alpha", "dense_init", "geometric_alpha",
+    "linear_alpha", "sparse_attack",
+]
 
 log = logging.getLogger(__name__)
-
-#: images with at most this many pixels count as "small": linear encoder and alpha_max = 100
-SMALL_IMAGE_PIXELS = 32 * 32
-
-# --------------------------------------------------------------------------------------------
-# Families: alpha schedules, lambda rules, initial dense attacks, target pickers
-# --------------------------------------------------------------------------------------------
-
-AlphaSchedule = Callable[[int, int, float, float], float]
-ALPHA_SCHEDULES: Registry[AlphaSchedule] = Registry("alpha schedule")
-
-
-def _frac(step: int, steps: int) -> float:
-    """Fraction of the run done at ``step`` (0 at the first step, 1 at the last)."""
-    return step / (steps - 1) if steps > 1 else 1.0
-
-
-def geometric_alpha(step: int, steps: int, alpha_min: float, alpha_max: float) -> float:
-    """alpha_min * (alpha_max/alpha_min)^(t/(T-1)): equal ratios per step (one decade per third at 0.1->100)."""
-    return alpha_min * (alpha_max / alpha_min) ** _frac(step, steps)
-
-
-def linear_alpha(step: int, steps: int, alpha_min: float, alpha_max: float) -> float:
-    """alpha_min + (alpha_max - alpha_min) * t/(T-1): equal increments per step."""
-    return alpha_min + (alpha_max - alpha_min) * _frac(step, steps)
-
-
-def cosine_alpha(step: int, steps: int, alpha_min: float, alpha_max: float) -> float:
-    """Geometric in log-alpha along a half cosine: slow at both ends, so the soft phase lasts longer."""
-    w = 0.5 - 0.5 * math.cos(math.pi * _frac(step, steps))
-    return alpha_min * (alpha_max / alpha_min) ** w
-
-
-ALPHA_SCHEDULES.register("geometric", geometric_alpha)
-ALPHA_SCHEDULES.register("linear", linear_alpha)
-ALPHA_SCHEDULES.register("cosine", cosine_alpha)
-
-
-class LambdaRule(Protocol):
-    """Per-image multiplier of the paper's lambda (Eq. 5), updated after every step."""
-
-    multiplier: torch.Tensor | None
-
-    def update(self, success: torch.Tensor) -> None: ...
-
-
-class _PaperLambda:
-    """Eq. (5) as written: lambda = C + gamma * mean(m > 0.5), no reaction to success."""
-
-    multiplier = None
-
-    def __init__(self, config: "SparseAttackConfig", batch: int, device: torch.device) -> None:
-        pass
-
-    def update(self, success: torch.Tensor) -> None:
-        pass
-
-
-class _AdaptiveLambda:
-    """Eq. (5) times a per-image factor: x lambda_up after a successful step, x lambda_down after a failure.
-
-    The factor starts at 1 and is kept in [1e-4, 1e4].
-    """
-
-    def __init__(self, config: "SparseAttackConfig", batch: int, device: torch.device) -> None:
-        self.multiplier = torch.ones(batch, device=device)
-        self.up, self.down = float(config.lambda_up), float(config.lambda_down)
-
-    def update(self, success: torch.Tensor) -> None:
-        factor = torch.where(success, self.up, self.down)
-        # The bounds only stop a run of failures (or successes) from under/overflowing.
-        self.multiplier.mul_(factor).clamp_(1e-4, 1e4)
-
-
-LAMBDA_RULES: Registry[Callable[..., LambdaRule]] = Registry("lambda rule")
-LAMBDA_RULES.register("paper", _PaperLambda)
-LAMBDA_RULES.register("adaptive", _AdaptiveLambda)
-
-
-def _random_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """A uniformly random class other than ``y`` per image."""
-    return random_targets(y, num_classes, generator=generator)
-
-
-def _least_likely_target(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                         generator: torch.Generator) -> torch.Tensor:
-    """The clean image's least likely class per image."""
-    return least_likely_targets(model, x)
-
-
-#: how targets are picked for ``targeted=True`` when the caller passes none (Table III is targeted)
-TARGETS: Registry[Callable[..., torch.Tensor]] = Registry("target picker")
-TARGETS.register("random", _random_target)
-TARGETS.register("least-likely", _least_likely_target)
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-# --------------------------------------------------------------------------------------------
-# Config and result
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SparseAttackConfig:
-    """Settings of :func:`sparse_attack`; defaults are justified in docs/attack.md.
-
-    ``None`` means "derive from the image size or eps" (see :meth:`resolve`): ``beta`` and
-    ``init_step_size`` default to ``eps / 4``, ``alpha_max`` to 100 for images of at most 32x32
-    pixels and 5 above (advmask.txt Sec. IV-B), ``encoder="auto"`` to ``linear`` up to 32x32 and
-    ``unet`` above (Sec. III-A a). Unknown keyword arguments raise TypeError.
-    """
-
-    eps: float | Fraction = Fraction(8, 255)
-    steps: int = 200
-    beta: float | Fraction | None = None
-    mu: float = 1.0
-    eta: float = 0.1
-    C: float = 0.01
-    gamma: float = 10.0
-    adam_lr: float = 1e-3
-    alpha_min: float = 0.1
-    alpha_max: float | None = None
-    alpha_schedule: str = "geometric"
-    encoder: str = "auto"
-    encoder_scope: str = "batch"
-    unet_backbone: str = DEFAULT_UNET_BACKBONE
-    targeted: bool = False
-    target: str = "random"
-    lambda_rule: str = "paper"
-    lambda_up: float = 1.2
-    lambda_down: float = 0.5
-    keep_best: bool = True
-    straight_through: bool = False
-    init_attack: str = "pgd-early"
-    init_steps: int = 10
-    init_extra_steps: int = 90
-    init_step_size: float | Fraction | None = None
-    autocast_dtype: str | None = None
-
-    def __post_init__(self) -> None:
-        """Validate every field; user-fixable problems raise AdvpipeError."""
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AdvpipeError(f"sparse attack {name} must be a positive integer, got {value!r}")
-
-        def number(name: str, *, low: float = 0.0, strict: bool = False, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not math.isfinite(value):
-                raise AdvpipeError(f"sparse attack {name} must be a number, got {value!r}")
-            if value < low or (strict and value == low):
-                raise AdvpipeError(f"sparse attack {name} must be {'>' if strict else '>='} {low}, got {value}")
-
-        positive_int("steps")
-        positive_int("init_steps")
-        if isinstance(self.init_extra_steps, bool) or not isinstance(self.init_extra_steps, int) \
-                or self.init_extra_steps < 0:
-            raise AdvpipeError(f"sparse attack init_extra_steps must be an integer >= 0, got {self.init_extra_steps!r}")
-        number("eps", strict=True)
-        if self.eps > 1:
-            raise AdvpipeError(f"sparse attack eps is in [0,1] pixel units, got {self.eps}")
-        number("beta", strict=True, optional=True)
-        number("init_step_size", strict=True, optional=True)
-        for name in ("mu", "eta", "C", "gamma"):
-            number(name)
-        number("adam_lr", strict=True)
-        number("alpha_min", strict=True)
-        number("alpha_max", strict=True, optional=True)
-        if self.alpha_max is not None and self.alpha_max < self.alpha_min:
-            raise AdvpipeError(f"alpha_max ({self.alpha_max}) must be >= alpha_min ({self.alpha_min})")
-        number("lambda_up", strict=True)
-        number("lambda_down", strict=True)
-        ALPHA_SCHEDULES.get(self.alpha_schedule)
-        LAMBDA_RULES.get(self.lambda_rule)
-        INIT_ATTACKS.get(self.init_attack)
-        TARGETS.get(self.target)
-        if self.encoder != "auto":
-            ENCODERS.get(self.encoder)
-        if self.encoder_scope not in ("batch", "image"):
-            raise AdvpipeError(f"unknown encoder_scope {self.encoder_scope!r}; choose one of: batch, image")
-        if self.autocast_dtype is not None and self.autocast_dtype not in _AUTOCAST:
-            raise AdvpipeError(f"unknown autocast_dtype {self.autocast_dtype!r}; choose one of: bf16, fp16 (or None)")
-        for name in ("targeted", "keep_best", "straight_through"):
-            if not isinstance(getattr(self, name), bool):
-                raise AdvpipeError(f"sparse attack {name} must be true or false, got {getattr(self, name)!r}")
-
-    def resolve(self, image_shape: tuple[int, int, int]) -> "SparseAttackConfig":
-        """Return a copy with every size- or eps-derived default made concrete for (C,H,W) images."""
-        small = image_shape[1] * image_shape[2] <= SMALL_IMAGE_PIXELS
-        eps = self.eps
-        return dataclasses.replace(
-            self,
-            beta=eps / 4 if self.beta is None else self.beta,
-            init_step_size=eps / 4 if self.init_step_size is None else self.init_step_size,
-            alpha_max=(100.0 if small else 5.0) if self.alpha_max is None else self.alpha_max,
-            encoder=("linear" if small else "unet") if self.encoder == "auto" else self.encoder,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for provenance; Fractions are written as strings such as ``"8/255"``."""
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, Fraction):
-                out[key] = f"{value.numerator}/{value.denominator}"
-        return out
-
-
-@dataclass
-class SparseAttackResult:
-    """Per-image output of :func:`sparse_attack` (all tensors on the input's device).
-
-    ``mask`` is the binary attack mask ``m > 0.5`` (B,H,W); ``delta`` (B,C,H,W) is the perturbation
-    it selects from, so the attack is ``clamp(x + delta * mask, 0, 1)`` (see :meth:`adversarial`).
-    ``soft_mask`` (B,H,W) is the final iterate's ``sigmoid(alpha_max * H(delta))``, for inspection.
-    Norms are those of ``delta * mask``: ``l0_elements`` counts non-zero entries over C*H*W,
-    ``l0_pixels`` counts pixels with any non-zero channel. ``success`` is checked in float32:
-    misclassified (untargeted) or classified as ``targets`` (targeted). ``loss`` is Eq. (4) at the
-    last optimisation step. ``best_step`` is the step whose mask was kept (``steps`` = the final
-    iterate; with keep_best, failures report the final iterate too).
-    """
-
-    mask: torch.Tensor
-    delta: torch.Tensor
-    soft_mask: torch.Tensor
-    success: torch.Tensor
-    l0_elements: torch.Tensor
-    l0_pixels: torch.Tensor
-    l2: torch.Tensor
-    linf: torch.Tensor
-    loss: torch.Tensor
-    l_init: torch.Tensor
-    init_success: torch.Tensor
-    clean_correct: torch.Tensor
-    best_step: torch.Tensor
-    targets: torch.Tensor | None
-    config: dict[str, Any]
-
-    def perturbation(self) -> torch.Tensor:
-        """The applied perturbation ``delta * mask`` (B,C,H,W)."""
-        return self.delta * self.mask.unsqueeze(1).to(self.delta.dtype)
-
-    def adversarial(self, x: torch.Tensor) -> torch.Tensor:
-        """The attacked images ``clamp(x + delta * mask, 0, 1)``."""
-        return (x + self.perturbation().to(x.dtype)).clamp(0, 1)
-
-    def summary(self) -> dict[str, float]:
-        """ASR and mean norms over successful images (the convention of advmask.txt Table III)."""
-        ok = self.success
-        n = int(ok.sum())
-
-        def mean(t: torch.Tensor) -> float:
-            return float(t[ok].float().mean()) if n else float("nan")
-
-        def median(t: torch.Tensor) -> float:
-            return float(t[ok].float().median()) if n else float("nan")
-
-        return {
-            "n": int(ok.numel()),
-            "asr": float(ok.float().mean()) if ok.numel() else float("nan"),
-            "l0_elements": mean(self.l0_elements),
-            "l0_elements_median": median(self.l0_elements),
-            "l0_pixels": mean(self.l0_pixels),
-            "l2": mean(self.l2),
-            "linf": mean(self.linf),
-            "init_asr": float(self.init_success.float().mean()) if ok.numel() else float("nan"),
-        }
-
-
-@dataclass
-class StepInfo:
-    """What ``on_step`` sees after optimisation step ``step``: the delta and soft mask (B,H,W) it used.
-
-    ``soft_success`` is the success of that step's forward (soft mask, or binary mask with
-    ``straight_through``), in the optimisation precision; ``lambda_multiplier`` is the adaptive
-    rule's factor after its update (None for the paper's rule).
-    """
-
-    step: int
-    alpha: float
-    delta: torch.Tensor
-    soft_mask: torch.Tensor
-    soft_success: torch.Tensor
-    loss: torch.Tensor
-    lambda_multiplier: torch.Tensor | None
-
-
-# --------------------------------------------------------------------------------------------
-# The attack
-# --------------------------------------------------------------------------------------------
 
 
 def sparse_attack(
@@ -382,7 +116,9 @@ def sparse_attack(
         raise ValueError(f"x must be a (B,C,H,W) floating-point batch, got {tuple(x.shape)} {x.dtype}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    _check_generator(generator, x.device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (the attack draws its randomness only from it)")
+    check_generator(generator, x.device)
     if targets is not None and not config.targeted:
         raise AdvpipeError("targets were given but config.targeted is False")
     if targets is not None and targets.shape != y.shape:
@@ -403,7 +139,7 @@ class _SparseRun:
         self.model, self.x, self.y, self.cfg, self.gen = model, x, y, cfg, generator
         self.device = x.device
         self.eps = float(cfg.eps)
-        dtype = _AUTOCAST.get(cfg.autocast_dtype) if cfg.autocast_dtype else None
+        dtype = AUTOCAST.get(cfg.autocast_dtype) if cfg.autocast_dtype else None
         self.autocast_dtype = dtype
         self.targets_in = targets
         self.on_step = on_step
@@ -417,14 +153,14 @@ class _SparseRun:
         """Success of attacked images in float32 (boundary masks flip under bf16)."""
         with torch.autocast(self.device.type, enabled=False):
             pred = self.model(x_adv).argmax(dim=1)
-        return pred == label if self.cfg.targeted else pred != label
+        return is_adversarial(pred, label, self.cfg.targeted)
 
     def run(self) -> SparseAttackResult:
         """Run the whole attack on the batch and assemble the result."""
         cfg, x, y = self.cfg, self.x, self.y
         b, c, h, w = x.shape
         if b == 0:
-            return _empty_result(x, cfg)
+            return empty_result(x, cfg.targeted, cfg.to_dict())
 
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             clean_logits = self.model(x)
@@ -457,15 +193,12 @@ class _SparseRun:
         optimizer = torch.optim.Adam(params, lr=cfg.adam_lr, fused=True)
 
         # The eps ball intersected with the image box, as offsets from x.
-        lo = (-x).clamp_(min=-self.eps)
-        hi = (1 - x).clamp_(max=self.eps)
-        delta = torch.rand(x.shape, generator=self.gen, device=self.device).mul_(2 * self.eps).sub_(self.eps)
-        delta = torch.maximum(torch.minimum(delta, hi), lo)
+        bounds = linf_bounds(None, self.eps, low=-x, high=1 - x)
+        delta = project(uniform_noise(x, self.eps, self.gen), bounds)
         momentum = torch.zeros_like(delta)
         rule = LAMBDA_RULES.get(cfg.lambda_rule)(cfg, b, self.device)
         schedule = ALPHA_SCHEDULES.get(cfg.alpha_schedule)
         n_pix = h * w
-        reduce = tuple(range(1, delta.dim()))
         beta = float(cfg.beta)
 
         # Best-so-far store (keep_best): sentinel n_pix + 1 pixels means "no successful mask yet".
@@ -521,8 +254,7 @@ class _SparseRun:
                     # allow_unused: some smp backbones (efficientnet) hold parameters the U-Net never uses.
                     grads = torch.autograd.grad(loss_i.sum(), [leaf, *params], allow_unused=True)
 
-                pred = logits.detach().argmax(1)
-                soft_success = pred == label if cfg.targeted else pred != label
+                soft_success = is_adversarial(logits.detach().argmax(1), label, cfg.targeted)
                 if cfg.keep_best:
                     consider(delta, (m.detach() > 0.5).squeeze(1), step, soft_success)
                 rule.update(soft_success)
@@ -536,10 +268,8 @@ class _SparseRun:
                 optimizer.zero_grad(set_to_none=True)
 
                 # Eq. (6): MI-FGSM descent on L with the per-image L1-normalised gradient.
-                g_delta = grads[0]
-                l1 = g_delta.abs().sum(dim=reduce, keepdim=True).clamp_min_(torch.finfo(g_delta.dtype).tiny)
-                momentum.mul_(cfg.mu).add_(g_delta / l1)
-                delta = torch.maximum(torch.minimum(delta - beta * momentum.sign(), hi), lo)
+                momentum_update(momentum, grads[0], cfg.mu)
+                delta = project(sign_step(delta.clone(), momentum, -beta), bounds)
                 bar.advance(1, alpha=round(alpha, 3))
 
         with torch.no_grad():
@@ -557,16 +287,11 @@ class _SparseRun:
             success = self._fp32_success(x + delta * mask.unsqueeze(1).float(), label)
             best_step.fill_(cfg.steps)
 
-        norms = perturbation_norms(delta_out * mask.unsqueeze(1).to(delta_out.dtype))
-        return SparseAttackResult(
-            mask=mask,
-            delta=delta_out,
+        return result_from(
+            mask,
+            delta_out,
             soft_mask=final_soft,
             success=success,
-            l0_elements=norms["l0_elements"].long(),
-            l0_pixels=norms["l0_pixels"].long(),
-            l2=norms["l2"],
-            linf=norms["linf"],
             loss=loss_i.detach(),
             l_init=l_init,
             init_success=init_success,
@@ -575,28 +300,3 @@ class _SparseRun:
             targets=targets,
             config=cfg.to_dict(),
         )
-
-
-def _empty_result(x: torch.Tensor, cfg: SparseAttackConfig) -> SparseAttackResult:
-    """The result for a batch of zero images."""
-    _, c, h, w = x.shape
-    zl = torch.zeros(0, dtype=torch.long, device=x.device)
-    zf = torch.zeros(0, device=x.device)
-    zb = torch.zeros(0, dtype=torch.bool, device=x.device)
-    return SparseAttackResult(
-        mask=torch.zeros((0, h, w), dtype=torch.bool, device=x.device), delta=torch.zeros_like(x),
-        soft_mask=torch.zeros((0, h, w), device=x.device),
-        success=zb, l0_elements=zl, l0_pixels=zl, l2=zf, linf=zf, loss=zf, l_init=zf, init_success=zb,
-        clean_correct=zb, best_step=zl, targets=zl if cfg.targeted else None, config=cfg.to_dict(),
-    )
-
-
-def _check_generator(generator: torch.Generator, device: torch.device) -> None:
-    """Require a generator on the tensors' device (randomness only ever comes from it)."""
-    if not isinstance(generator, torch.Generator):
-        raise TypeError("generator must be a torch.Generator (the attack draws its randomness only from it)")
-    gen_device = torch.device(generator.device)
-    if gen_device.type != device.type or (
-        gen_device.index is not None and device.index is not None and gen_device.index != device.index
-    ):
-        raise ValueError(f"generator is on {gen_device} but the tensors are on {device}")

@@ -21,14 +21,15 @@ import torch
 from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, occlude
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
+from advpipe.rng import generator_for
 
 #: datasets whose 32x32 defaults are the CIFAR-100 settings; every other dataset uses CIFAR-10's
 _CIFAR100 = ("cifar100",)
 
 
 def resolve_generator(generator: torch.Generator | None, device: torch.device | str | None) -> torch.Generator:
-    """The given generator, or a fresh one with PyTorch's default seed on ``device``; never the global RNG."""
-    return generator if generator is not None else torch.Generator(device=device if device is not None else "cpu")
+    """The given generator (checked to be on ``device``), or a fresh default-seeded one; never the global RNG."""
+    return generator_for(device, generator)
 
 
 def dataset_scale(ctx: AugmentContext) -> float:
@@ -363,8 +364,8 @@ def _pair(value: Any, what: str, cast: type = float) -> tuple[Any, Any]:
     """Parse a (min, max) pair from a sequence, raising a user error otherwise."""
     try:
         lo, hi = (cast(v) for v in value)
-    except (TypeError, ValueError):
-        raise AdvpipeError(f"{what} must be a pair (min, max), got {value!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise AdvpipeError(f"{what} must be a pair (min, max), got {value!r}") from exc
     if lo > hi:
         raise AdvpipeError(f"{what} must have min <= max, got {value!r}")
     return lo, hi

@@ -31,7 +31,7 @@ def attack_points(batch: Batch) -> torch.Tensor:
     mask = batch.side.get("attack_mask")
     if mask is None:
         raise AdvpipeError("this augmentation needs attack masks (batch.side['attack_mask']); "
-                           "run `advpipe masks` for the dataset first or choose another --aug")
+                           "run `advpipe masks` for the dataset first or choose another aug", fields=("aug",))
     b, _, h, w = batch.images.shape
     if tuple(mask.shape) != (b, h, w):
         raise AdvpipeError(f"attack masks have shape {tuple(mask.shape)}, expected {(b, h, w)} for these images")

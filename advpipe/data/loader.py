@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
 from advpipe.data.transforms import apply_crop_flip, sample_crop_flip
-
+from advpipe.rng import epoch_seed  # noqa: F401  (re-exported: advpipe.data.loader.epoch_seed)
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,6 @@ class FromImages:
 #: a side source is an (N,H,W) tensor indexed by dataset index, a function index -> (B,H,W), or
 #: :class:`FromImages` (a function of the un-padded, un-cropped images)
 SideSource = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], FromImages]
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """Derive a distinct, stable 63-bit seed for one epoch and one random stream."""
-    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2**63 - 1)
 
 
 def block_shuffle(n: int, block: int, window: int, generator: torch.Generator) -> torch.Tensor:

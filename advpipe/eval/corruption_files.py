@@ -58,7 +58,7 @@ def _load(path: Path, what: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise AdvpipeError(f"cannot read {path} as a .npy array: {exc}") from None
+        raise AdvpipeError(f"cannot read {path} as a .npy array: {exc}") from exc
 
 
 def open_corruption_files(folder: str | Path, names: Sequence[str], *, image_shape: tuple[int, int, int],
@@ -72,11 +72,11 @@ def open_corruption_files(folder: str | Path, names: Sequence[str], *, image_sha
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise AdvpipeError(f"--corruptions-dir {str(folder)!r} is not a folder")
+        raise AdvpipeError(f"corruptions_dir {str(folder)!r} is not a folder", fields=("corruptions_dir",))
     unknown = [n for n in names if n not in CIFAR_C_FILES]
     if unknown:
-        raise AdvpipeError(f"{unknown[0]} has no file in the CIFAR-10-C release; with --corruptions-dir choose "
-                           f"among: {', '.join(CIFAR_C_FILES)}")
+        raise AdvpipeError(f"{unknown[0]} has no file in the CIFAR-10-C release; with corruptions_dir choose "
+                           f"among: {', '.join(CIFAR_C_FILES)}", fields=("corruptions_dir",))
     file_labels = _load(folder / LABELS_FILE, f"{LABELS_FILE} (5 x N labels) and <corruption>.npy files")
     if file_labels.ndim != 1 or file_labels.dtype.kind not in "iu" or len(file_labels) == 0 or len(file_labels) % 5:
         raise AdvpipeError(f"{folder / LABELS_FILE} must be a 1-D integer array of 5 x N labels, got "
@@ -86,7 +86,7 @@ def open_corruption_files(folder: str | Path, names: Sequence[str], *, image_sha
     expected = labels.cpu().numpy().astype(np.int64)
     if len(expected) > n:
         raise AdvpipeError(f"{folder} holds {n} images per severity but the evaluated split has {len(expected)}; "
-                           "use --limit or the matching --data")
+                           "use limit or the matching data", fields=("limit", "data"))
     for s in SEVERITIES:
         block = file_labels[(s - 1) * n: (s - 1) * n + len(expected)]
         if not np.array_equal(block, expected):

@@ -163,11 +163,12 @@ def parse_severities(text: str | Iterable[int] | None) -> tuple[int, ...]:
                     values.extend(range(start, stop + 1))
                 else:
                     values.append(int(part))
-            except ValueError:
-                raise AdvpipeError(f"invalid --severities {text!r}; use a range like 1-5, a list like 1,3,5 "
-                                   "or one level") from None
+            except ValueError as exc:
+                raise AdvpipeError(f"invalid severities {text!r}; use a range like 1-5, a list like 1,3,5 "
+                                   "or one level", fields=("severities",)) from exc
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v not in SEVERITIES for v in values):
-        raise AdvpipeError(f"invalid --severities {text!r}; levels are 1 to 5 (e.g. 1-5, 1,3,5 or 3)")
+        raise AdvpipeError(f"invalid severities {text!r}; levels are 1 to 5 (e.g. 1-5, 1,3,5 or 3)",
+                           fields=("severities",))
     return tuple(sorted(set(values)))
 
 

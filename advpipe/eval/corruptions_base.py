@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advpipe.rng import generator_for  # noqa: F401  (the corruption kernels import it from here)
+
 Params = dict[str, torch.Tensor]
 Sampler = Callable[[torch.Tensor, Mapping[str, Any], torch.Generator], Params]
 Applier = Callable[[torch.Tensor, Mapping[str, Any], Params], torch.Tensor]
@@ -28,15 +30,6 @@ def check_images(x: torch.Tensor) -> None:
     """Raise ValueError unless ``x`` is a float (B,C,H,W) batch."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"expected a float (B,C,H,W) batch, got {tuple(x.shape)} {x.dtype}")
-
-
-def generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
-    """The caller's generator (checked to be on ``device``) or a fresh default-seeded one."""
-    if generator is None:
-        return torch.Generator(device=device)
-    if torch.device(generator.device).type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the images are on {device}")
-    return generator
 
 
 def uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator, x: torch.Tensor) -> torch.Tensor:

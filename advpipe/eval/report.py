@@ -105,7 +105,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     try:
         result = json.loads(eval_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdvpipeError(f"cannot read evaluation JSON {eval_path}: {exc}") from None
+        raise AdvpipeError(f"cannot read evaluation JSON {eval_path}: {exc}") from exc
     if not (isinstance(result, dict) and all(isinstance(result.get(k), dict) for k in ("clean", "data"))):
         raise AdvpipeError(f"{eval_path} is not an advpipe evaluation result (no 'clean' and 'data' entries)")
     result.setdefault("attacks", {})
@@ -123,8 +123,8 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise AdvpipeError(f"{path} line {number} is not JSON") from None
+        except json.JSONDecodeError as exc:
+            raise AdvpipeError(f"{path} line {number} is not JSON") from exc
         if isinstance(record, dict):
             records.append(record)
     return records
@@ -160,7 +160,7 @@ def check_fingerprints(runs: Sequence[RunRecord], *, force: bool) -> list[str]:
                        for run in runs)
     if not force:
         raise AdvpipeError(f"the runs were evaluated on different test data ({detail}); evaluate them on the same "
-                           "data or pass --force to compare anyway")
+                           "data or pass force to compare anyway", fields=("force",))
     return [f"runs were evaluated on different test data, compared anyway (--force): {detail}"]
 
 
@@ -354,8 +354,8 @@ def build_report(cfg: ReportConfig) -> ReportResult:
         matches = [r for r in runs if cfg.baseline in (r.name, str(r.folder))] or \
             [r for r in runs if r.config.get("aug") == cfg.baseline]
         if not matches and base_row is None:
-            raise AdvpipeError(f"--baseline {cfg.baseline!r} is none of the runs ({', '.join(r.name for r in runs)})"
-                               f" nor of the rows ({', '.join(r.label for r in rows)})")
+            raise AdvpipeError(f"baseline {cfg.baseline!r} is none of the runs ({', '.join(r.name for r in runs)})"
+                               f" nor of the rows ({', '.join(r.label for r in rows)})", fields=("baseline",))
         baseline = matches[0] if matches else None
     out_dir = check_writable_dir(cfg.out, "--out folder")
     columns = report_columns(runs)

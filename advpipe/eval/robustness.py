@@ -4,14 +4,14 @@
   keeps per-sample correctness so attack success can be counted against the clean pass.
 * :func:`attack_pass` / :func:`corruption_pass` are the two perturbation families.
 * :func:`robustness_score` is M-TLAT's ``R = A_perturbed / A_clean`` (m-tlat.txt Eq. 7).
-* :func:`perturbation_norms` and :func:`summarize_norms` (in :mod:`advpipe.attacks.norms`) are the one code path for l0/l2/l_inf
-  statistics and attack success rates, shared with the mask-store report (AdvMask Table III
-  columns: ASR, l0, l2, l_inf; advmask.txt Sec. V-A).
+* :func:`perturbation_norms` and :func:`summarize_norms` (in :mod:`advpipe.attacks.norms`) are the
+  one code path for l0/l2/l_inf statistics and attack success rates, shared with the sparse
+  attack's summary and the mask-store report (AdvMask Table III columns: ASR, l0, l2, l_inf;
+  advmask.txt Sec. V-A).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -19,17 +19,14 @@ import torch
 from torch import nn
 
 from advpipe import progress
-from advpipe.attacks.norms import perturbation_norms, summarize_norms
+from advpipe.attacks.norms import NORM_NAMES, perturbation_norms, summarize_norms
 from advpipe.data.batch import Batch
 from advpipe.eval.accuracy import autocast_context
 from advpipe.eval.corruptions import CORRUPTIONS
 from advpipe.eval.specs import AttackContext, AttackSpec
+from advpipe.rng import stream_seed  # noqa: F401  (re-exported)
 
-NORM_NAMES = ("l0_elements", "l0_pixels", "l2", "linf")
 Perturb = Callable[[Batch, torch.Tensor], torch.Tensor]
-
-
-# --------------------------------------------------------------------------- norms
 
 
 # --------------------------------------------------------------------------- scores
@@ -46,12 +43,6 @@ def mean_or_none(values: Iterable[float | None]) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
-
-
-def stream_seed(seed: int, key: str) -> int:
-    """A stable 63-bit seed for one perturbation, independent of which others run and their order."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
 
 
 # --------------------------------------------------------------------------- passes

@@ -80,7 +80,7 @@ def write_eval_json(result: dict[str, Any], path: str | Path) -> Path:
     try:
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     except OSError as exc:
-        raise AdvpipeError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+        raise AdvpipeError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -88,9 +88,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Return a JSON-able result with clean, attack and corruption accuracy and full provenance."""
     # Everything a user can get wrong is checked before the first (slow) pass.
     if cfg.batch_size < 1:
-        raise AdvpipeError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+        raise AdvpipeError(f"batch_size must be at least 1, got {cfg.batch_size}", fields=("batch_size",))
     if cfg.precision not in PRECISIONS:
-        raise AdvpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+        raise AdvpipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}",
+                           fields=("precision",))
     specs = parse_attack_specs(cfg.attacks)
     corruptions = _corruption_names(cfg)
     severities = parse_severities(cfg.severities)
@@ -169,14 +170,15 @@ def _corruption_names(cfg: EvalConfig) -> list[str]:
     if not cfg.corruptions_dir:
         return parse_corruption_list(list(cfg.corruptions))
     if not Path(cfg.corruptions_dir).is_dir():
-        raise AdvpipeError(f"--corruptions-dir {cfg.corruptions_dir!r} is not a folder")
+        raise AdvpipeError(f"corruptions_dir {cfg.corruptions_dir!r} is not a folder", fields=("corruptions_dir",))
     requested = [("cifar-c" if str(c).strip().lower() == "all" else c) for c in cfg.corruptions]
     if requested:
         return parse_corruption_list(requested)
     present = available_corruptions(cfg.corruptions_dir)
     if not present:
-        raise AdvpipeError(f"--corruptions-dir {cfg.corruptions_dir!r} holds none of the release files "
-                           "(gaussian_noise.npy, ..., jpeg_compression.npy, beside labels.npy)")
+        raise AdvpipeError(f"corruptions_dir {cfg.corruptions_dir!r} holds none of the release files "
+                           "(gaussian_noise.npy, ..., jpeg_compression.npy, beside labels.npy)",
+                           fields=("corruptions_dir",))
     return present
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpipe.attacks.dense import pgd
+from advpipe.attacks.registry import ATTACKS
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import convert_dual_bn, main_bn_state, preserve_bn_stats, use_aux_bn
@@ -68,8 +68,9 @@ class AdvProp(Method):
         x, y = batch.images, batch.labels
         with use_aux_bn(model):
             with preserve_bn_stats(model):
-                x_adv = pgd(without_ddp(model), x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
-                            random_start=self.random_start, generator=generator)
+                x_adv = ATTACKS.get("pgd")(without_ddp(model), x, y, eps=self.eps, steps=self.steps,
+                                           step=self.step_size, start="random" if self.random_start else "clean",
+                                           generator=generator)
             logits_adv = model(x_adv)
         logits = model(x)
         loss_clean = F.cross_entropy(logits.float(), y)

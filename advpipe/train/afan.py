@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from advpipe.attacks.losses import cross_entropy_loss
+from advpipe.attacks.primitives import linf_bounds, sign_ascent, uniform_noise
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import preserve_bn_stats
@@ -111,18 +113,16 @@ def strength_scales(strengths: torch.Tensor) -> torch.Tensor:
 def feature_pgd(head: nn.Module, f: torch.Tensor, y: torch.Tensor, *, eps: float | torch.Tensor, steps: int,
                 step_size: float, random_start: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Eq. (2) on features: return the l_inf PGD perturbation δ (detached) maximising CE(head(f + δ), y)."""
+    """Eq. (2) on features: return the l_inf PGD perturbation δ (detached) maximising CE(head(f + δ), y).
+
+    The shared sign-gradient loop of the attacks (:func:`advpipe.attacks.primitives.sign_ascent`)
+    run on ``δ``, with the ball around 0 and no [0,1] box (features are not images).
+    """
     f = f.detach()
-    if random_start:
-        delta = (torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype) * 2 - 1) * eps
-    else:
-        delta = torch.zeros_like(f)
-    for _ in range(steps):
-        with torch.enable_grad():
-            leaf = delta.detach().requires_grad_(True)
-            loss = F.cross_entropy(head(f + leaf).float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, leaf)
-        delta = torch.clamp(delta + step_size * grad.sign(), -eps, eps)
+    bounds = linf_bounds(None, eps, low=None, high=None)
+    delta = uniform_noise(f, eps, generator) if random_start else torch.zeros_like(f)
+    delta = sign_ascent(lambda d: head(f + d), delta, y, bounds=bounds, steps=steps, step_size=step_size,
+                        loss_fn=cross_entropy_loss)
     return delta.detach()
 
 
@@ -146,12 +146,12 @@ def split_head(net: nn.Module, layer: str) -> fx.GraphModule:
     """
     try:
         net.get_submodule(layer)
-    except AttributeError:
-        raise AdvpipeError(f"A-FAN layer {layer!r} is not a submodule of {type(net).__name__}") from None
+    except AttributeError as exc:
+        raise AdvpipeError(f"A-FAN layer {layer!r} is not a submodule of {type(net).__name__}") from exc
     try:
         graph = _SplitTracer(layer).trace(net)
     except Exception as exc:  # tracing failures come as many types; all mean "cannot split here"
-        raise AdvpipeError(f"A-FAN cannot trace {type(net).__name__} to split it at {layer!r}: {exc}") from None
+        raise AdvpipeError(f"A-FAN cannot trace {type(net).__name__} to split it at {layer!r}: {exc}") from exc
     nodes = list(graph.nodes)
     calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == layer]
     if len(calls) != 1:
@@ -183,7 +183,7 @@ def default_feature_layer(net: nn.Module) -> str:
     names = [name for name, _ in net.named_children() if name in known]
     if not names:
         raise AdvpipeError(f"A-FAN does not know where to split {type(net).__name__}; "
-                           "pass --method-opt layer=<submodule name>")
+                           "pass method_options layer=<submodule name>", fields=("method_options",))
     return names[-1]
 
 

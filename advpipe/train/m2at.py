@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpipe.attacks.dense import pgd
+from advpipe.attacks.registry import ATTACKS
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import preserve_bn_stats
@@ -136,8 +136,8 @@ class M2AT(Method):
         """Return the soft-label CE of the model on the masked-and-mixed adversarial batch."""
         x, y = batch.images, batch.labels
         with preserve_bn_stats(model):
-            x_adv = pgd(without_ddp(model), x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
-                        random_start=self.random_start, generator=generator)
+            x_adv = ATTACKS.get("pgd")(without_ddp(model), x, y, eps=self.eps, steps=self.steps, step=self.step_size,
+                                       start="random" if self.random_start else "clean", generator=generator)
         n, _, h, w = x.shape
         boxes = sample_boxes(n, h, w, generator=generator, device=x.device)
         mask = box_masks(boxes, h, w)

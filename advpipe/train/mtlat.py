@@ -24,9 +24,9 @@ Choices where the paper is silent, and why:
 * λ, ε and the target are drawn per sample (Alg. 1 describes one generated couple);
 * the target is uniform over all N classes as Alg. 1 writes (``targets=other`` excludes the
   label of the image that leads the pair, using :func:`advpipe.attacks.random_targets`);
-* FGSM runs in train mode with BN running statistics restored afterwards. Per-sample ε: one call
-  to :func:`advpipe.attacks.fgsm` gives the sign of every pixel's step (``eps=1`` cannot clip a
-  step that leaves [0, 1] to zero length), then each sample moves by its own ε and is clipped to [0, 1].
+* FGSM runs in train mode with BN running statistics restored afterwards. Per-sample ε: the
+  registry's ``fgsm`` (:func:`advpipe.attacks.fgsm`) takes a (B,) eps, so each sample moves by
+  its own ε and is clipped to [0, 1].
 
 Options: ``alpha`` (0.4; mtlat, mixup), ``eps_max`` (0.025; mtlat, tlat), ``targets`` ("any" or "other").
 """
@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpipe.attacks.dense import fgsm, random_targets
+from advpipe.attacks.dense import random_targets
+from advpipe.attacks.registry import ATTACKS
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import preserve_bn_stats
@@ -57,9 +58,7 @@ from advpipe.train.soft_labels import (
 def targeted_fgsm_per_sample(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                              eps: torch.Tensor) -> torch.Tensor:
     """Eq. (5) with a per-sample ε: ``clip(x - ε_i sign(∇_x CE(f(x), target)), 0, 1)`` (detached)."""
-    probe = fgsm(model, x, target, eps=1.0, targeted=True)
-    direction = (probe - x).sign()
-    return (x + eps.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * direction).clamp(0, 1).detach()
+    return ATTACKS.get("fgsm")(model, x, target, eps=eps, targeted=True)
 
 
 def tlat_labels(y_soft: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

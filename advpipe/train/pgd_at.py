@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpipe.attacks.dense import pgd
+from advpipe.attacks.registry import ATTACKS
 from advpipe.data.batch import Batch
 from advpipe.models.dual_bn import preserve_bn_stats
 from advpipe.train.methods import METHODS, Method, MethodContext
@@ -32,8 +32,9 @@ class PGDTraining(Method):
     def step(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Return the cross-entropy of the model on the batch's PGD adversarial examples."""
         with preserve_bn_stats(model):
-            x_adv = pgd(without_ddp(model), batch.images, batch.labels, eps=self.eps, steps=self.steps,
-                        step_size=self.step_size, random_start=self.random_start, generator=generator)
+            x_adv = ATTACKS.get("pgd")(without_ddp(model), batch.images, batch.labels, eps=self.eps,
+                                       steps=self.steps, step=self.step_size,
+                                       start="random" if self.random_start else "clean", generator=generator)
         logits = model(x_adv)
         return {"loss": F.cross_entropy(logits, batch.labels), "logits": logits}
 
