@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from advpipe import progress
+from advpipe.commands.flags import with_flags
 from advpipe.errors import AdvpipeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,7 +27,7 @@ class _RichTask:
 
     def advance(self, n: float = 1, **fields: Any) -> None:
         info = "  ".join(f"{k} {v}" for k, v in fields.items())
-        self.bar.update(self.task_id, advance=n, info=info)
+        self.bar.update(self.task_id, advance=n, info=escape(info))  # the columns read markup; values are text
 
 
 class RichReporter:
@@ -45,7 +46,7 @@ class RichReporter:
         if self.open_tasks == 0:
             self.bar.start()
         self.open_tasks += 1
-        return _RichTask(self.bar, self.bar.add_task(description, total=total, unit=unit, info=""))
+        return _RichTask(self.bar, self.bar.add_task(escape(description), total=total, unit=escape(unit), info=""))
 
     def close(self, task: _RichTask) -> None:
         """Finish a bar; nested bars are removed, top-level ones stay on screen."""
@@ -133,7 +134,8 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except AdvpipeError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(with_flags(error_text(exc), exc.fields))}", highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -142,6 +144,17 @@ def user_errors(func: F) -> F:
             progress.use_reporter(previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def error_text(exc: BaseException) -> str:
+    """The one line to print for ``exc``: a DataLoader worker's re-raise carries the worker's traceback, so
+    only the original message (its last line) is kept."""
+    text = str(exc).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        text = last.removeprefix(prefix)
+    return " ".join(text.split("\n"))
 
 
 def setup_logging(verbose: bool) -> None:

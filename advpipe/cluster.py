@@ -57,7 +57,7 @@ def plan_local_workers(device: str, workers: int | None) -> tuple[int, list[str]
         raise AdvpipeError("CUDA is available but CUDA_VISIBLE_DEVICES lists no GPU")
     if resolved.index is not None:
         if resolved.index >= len(gpus):
-            raise AdvpipeError(f"--device {device}: only {len(gpus)} GPU(s) are visible")
+            raise AdvpipeError(f"device {device}: only {len(gpus)} GPU(s) are visible", fields=("device",))
         gpus = [gpus[resolved.index]]
         return (workers or 1), gpus, "cuda"
     n = workers or len(gpus)
@@ -114,8 +114,8 @@ def connect(scheduler: str | None, device: str, workers: int | None) -> tuple[An
     except (TimeoutError, OSError) as exc:  # distributed's WorkerStartTimeoutError is a TimeoutError
         client.close()
         cluster.close()
-        raise AdvpipeError(f"the local dask workers did not start within {WORKER_START_TIMEOUT} s; run with "
-                           "--workers 0 to see the error in this process") from exc
+        raise AdvpipeError(f"the local dask cluster did not start within {WORKER_START_TIMEOUT} s; run with "
+                           "workers=0 to see the error in this process", fields=("workers",)) from exc
     log.info("started a local dask cluster with %d worker(s) at %s", n_workers, cluster.scheduler_address)
     return client, cluster, worker_device
 

@@ -37,14 +37,14 @@ def preview_augment(name: str, ds: DatasetSplit, *, n: int = 16, masks: str | No
     """Apply augmentation ``name`` at full strength to the first ``n`` samples of ``ds`` (no crop/flip)."""
     aug_name, method = parse_aug(name)
     if method != "standard":
-        raise AdvpipeError(f"--aug {name!r}: preview draws input augmentations; {method!r} is a training method "
-                           f"whose adversarial inputs depend on a model")
+        raise AdvpipeError(f"aug {name!r}: preview draws input augmentations; {method!r} is a training method "
+                           f"whose adversarial inputs depend on a model", fields=("aug",))
     options = dict(options or {})
     ctx = AugmentContext(ds.name, ds.image_shape[1:], ds.num_classes, ds.mean, epochs=1)
     try:
         augment = build_augment(aug_name, ctx, **options)
     except TypeError as exc:
-        raise AdvpipeError(f"bad options for {aug_name!r}: {exc}") from None
+        raise AdvpipeError(f"bad options for {aug_name!r}: {exc}") from exc
     if hasattr(augment, "prob_max"):  # schedules ramp up over training: preview the full strength
         augment.prob_max = 1.0
         augment.set_epoch(0, 1)

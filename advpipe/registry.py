@@ -32,10 +32,10 @@ class Registry(Generic[T]):
         """Return the object registered under ``name`` or raise an error naming the choices."""
         try:
             return self._items[name]
-        except KeyError:
+        except KeyError as exc:
             raise AdvpipeError(
                 f"unknown {self.family} {name!r}; choose one of: {', '.join(sorted(self._items))}"
-            ) from None
+            ) from exc
 
     def names(self) -> list[str]:
         """Return the registered names, sorted."""

@@ -33,7 +33,7 @@ from advpipe.data.datasets import load_dataset
 from advpipe.models.build import model_from_checkpoint
 from advpipe.models.checkpoint import load_checkpoint
 from advpipe.pipeline.lock import StoreLock
-from advpipe.pipeline import precompute as precompute_module
+from advpipe.pipeline import precompute_config as precompute_module  # where resolve_precision reads fast_bf16
 from advpipe.pipeline.precompute import PrecomputeConfig, chunk_seed, plan_local_workers, resolve_precision
 from advpipe.pipeline.store import open_store, sample_hash
 from advpipe.utils import sha256_file
@@ -245,7 +245,7 @@ def test_precision_flag_auto_and_resume(env, monkeypatch: pytest.MonkeyPatch) ->
     assert bad.exit_code == 2 and bad.output.strip() == "error: --precision must be one of auto, fp32, bf16, fp16, " \
         "got 'fp64'", bad.output
     via_opt = cli("precompute-masks", "--model", "resnet20", *ATTACK, "--attack-opt", "autocast_dtype=bf16")
-    assert via_opt.exit_code == 2 and "use --precision instead" in via_opt.output, via_opt.output
+    assert via_opt.exit_code == 2 and "set --precision instead" in via_opt.output, via_opt.output
 
 
 def test_missing_model_names_the_train_command(tmp_path: Path, monkeypatch) -> None:

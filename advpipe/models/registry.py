@@ -81,7 +81,7 @@ def create_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module
         raise AdvpipeError(
             f"{err}; or any torchvision classification model "
             "(torchvision.models.list_models(module=torchvision.models))"
-        ) from None
+        ) from err
     return factory(num_classes, image_size)
 
 

@@ -44,15 +44,13 @@ from advpipe.pipeline.chunks import (
     finished_chunk,
     run_store,
 )
+from advpipe.pipeline.precompute_config import DEFAULT_BATCH_SIZE, check_run_options
 from advpipe.pipeline.store import DEFAULT_CHUNK_SIZE, MaskStoreWriter
 from advpipe.utils import resolve_device
 
 __all__ = ["PrecomputeResult", "TensorChunkTask", "model_sha256", "precompute_masks"]
 
 log = logging.getLogger(__name__)
-
-#: images per attack call, as in the command (the attack's encoder is shared per batch)
-DEFAULT_BATCH_SIZE = 100
 
 
 def model_sha256(model: nn.Module) -> str:
@@ -118,15 +116,7 @@ def _floats(x: torch.Tensor) -> torch.Tensor:
 
 def _check(batch_size: int, chunk_size: int, workers: int | None, scheduler: str | None, seed: int,
            clean_accuracy: float | None) -> None:
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AdvpipeError(f"{name} must be a positive integer, got {value!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise AdvpipeError(f"workers must be 0 (in this process), a positive number or None, got {workers!r}")
-    if scheduler is not None and workers not in (None, 0):
-        raise AdvpipeError("workers and scheduler exclude each other (the scheduler's cluster has its own workers)")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise AdvpipeError(f"seed must be an integer >= 0, got {seed!r}")
+    check_run_options(batch_size, chunk_size, workers, scheduler, seed)
     if clean_accuracy is not None and not 0.0 <= clean_accuracy <= 1.0:
         raise AdvpipeError(f"clean_accuracy must be a fraction in [0, 1], got {clean_accuracy!r}")
 

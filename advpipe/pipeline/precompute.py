@@ -23,10 +23,9 @@ import dataclasses
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +34,7 @@ from advpipe.attacks.sparse import SparseAttackConfig
 from advpipe.cluster import plan_local_workers
 from advpipe.data.datasets import DatasetSplit, dataset_family, load_dataset
 from advpipe.errors import AdvpipeError
-from advpipe.models.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from advpipe.paths import default_run_dir
+from advpipe.models.checkpoint import Checkpoint, load_checkpoint
 from advpipe.pipeline.chunks import (
     ChunkOutcome,
     ChunkTask,
@@ -47,8 +45,19 @@ from advpipe.pipeline.chunks import (
     finished_chunk,
     run_store,
 )
-from advpipe.pipeline.store import DEFAULT_CHUNK_SIZE, MaskStoreWriter, open_store
-from advpipe.utils import fast_bf16, resolve_device, sha256_file
+from advpipe.pipeline.precompute_config import (
+    ATTACK_FLAGS,
+    DEFAULT_BATCH_SIZE,
+    PrecomputeConfig,
+    attack_config,
+    check_config,
+    default_checkpoint,
+    default_store_path,
+    find_checkpoint,
+    resolve_precision,
+)
+from advpipe.pipeline.store import MaskStoreWriter
+from advpipe.utils import resolve_device, sha256_file
 
 __all__ = [
     "ATTACK_FLAGS",
@@ -69,52 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: images per attack call; a 500-sample chunk is 5 batches. The encoder is shared per batch.
-DEFAULT_BATCH_SIZE = 100
-#: SparseAttackConfig fields that have their own command-line flag (never set via attack_options)
-ATTACK_FLAGS = {"eps": "--eps", "steps": "--steps", "encoder": "--encoder", "targeted": "--targeted",
-                "target": "--targeted", "autocast_dtype": "--precision"}
-#: --precision values; the attack's autocast dtype for each (auto is resolved per run, see resolve_precision)
-PRECISIONS = {"auto": None, "fp32": None, "bf16": "bf16", "fp16": "fp16"}
-_FRACTION_FIELDS = ("beta", "init_step_size")
-TARGET_MODES = ("random", "least-likely")
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    """Everything a precompute run depends on (the command builds it from its flags).
-
-    ``model`` names the architecture whose default checkpoint ``runs/<data>/<model>/none/best.pt``
-    is attacked unless ``checkpoint`` is given. ``steps``/``encoder`` of None keep the attack's
-    defaults; ``targeted`` is None (untargeted), ``"random"`` or ``"least-likely"``;
-    ``attack_options`` sets any other :class:`SparseAttackConfig` field. ``precision`` is the
-    classifier's autocast in the attack (see :func:`resolve_precision` for ``auto``). ``workers``
-    = 0 runs in this process, None = one worker per visible GPU (one on CPU); ``scheduler`` is the
-    address of an existing dask scheduler instead of a local cluster.
-    """
-
-    data: str = "embedded"
-    model: str | None = None
-    checkpoint: str | None = None
-    split: str = "train"
-    data_dir: str | None = None
-    limit: int | None = None
-    eps: Fraction = Fraction(8, 255)
-    steps: int | None = None
-    encoder: str | None = None
-    targeted: str | None = None
-    attack_options: Mapping[str, Any] = field(default_factory=dict)
-    precision: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    workers: int | None = None
-    scheduler: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    out: str | None = None
-    overwrite: bool = False
-
-
 @dataclass(frozen=True)
 class ChunkJob:
     """What a worker needs to attack any chunk of one run (pickled to every task)."""
@@ -131,124 +94,6 @@ class ChunkJob:
     batch_size: int
     seed: int
     device: str
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def default_checkpoint(data: str, model: str) -> Path:
-    """The checkpoint ``advpipe train --data DATA --model MODEL`` writes: ``runs/<data>/<model>/none/best.pt``."""
-    return default_run_dir(data, model, "none") / "best.pt"
-
-
-def _find_checkpoint(cfg: PrecomputeConfig) -> Path:
-    if cfg.checkpoint is not None:
-        return resolve_checkpoint(cfg.checkpoint)
-    if cfg.model is None:
-        raise AdvpipeError("pass --model (to use the trained run's best.pt) or --checkpoint PATH")
-    path = default_checkpoint(cfg.data, cfg.model)
-    if not path.is_file():
-        raise AdvpipeError(
-            f"no trained {cfg.model} for {cfg.data}: {path} does not exist; train it first with "
-            f"`advpipe train --data {cfg.data} --model {cfg.model}` or pass --checkpoint PATH"
-        )
-    return path
-
-
-def attack_config(cfg: PrecomputeConfig) -> SparseAttackConfig:
-    """Build the sparse attack's config from the flags and ``attack_options`` (validated by the attack)."""
-    options = dict(cfg.attack_options)
-    known = {f.name for f in dataclasses.fields(SparseAttackConfig)}
-    for key in options:
-        if key in ATTACK_FLAGS:
-            raise AdvpipeError(f"--attack-opt {key}=...: use {ATTACK_FLAGS[key]} instead")
-        if key not in known:
-            choices = ", ".join(sorted(known - set(ATTACK_FLAGS)))
-            raise AdvpipeError(f"unknown --attack-opt {key!r}; choose from: {choices}")
-    for key in _FRACTION_FIELDS:
-        if isinstance(options.get(key), str):
-            from advpipe.utils import parse_fraction
-
-            options[key] = parse_fraction(options[key], name=f"--attack-opt {key}")
-    values: dict[str, Any] = {"eps": cfg.eps, **options}
-    if cfg.steps is not None:
-        values["steps"] = cfg.steps
-    if cfg.encoder is not None:
-        values["encoder"] = cfg.encoder
-    if cfg.targeted is not None:
-        if cfg.targeted not in TARGET_MODES:
-            raise AdvpipeError(f"--targeted must be one of {', '.join(TARGET_MODES)}, got {cfg.targeted!r}")
-        values.update(targeted=True, target=cfg.targeted)
-    values["autocast_dtype"] = PRECISIONS[cfg.precision]
-    return SparseAttackConfig(**values)
-
-
-def resolve_precision(cfg: PrecomputeConfig, path: Path) -> str | None:
-    """The attack's autocast dtype for this run: ``--precision`` itself, or what ``auto`` means here.
-
-    ``auto`` keeps the precision of an existing store at ``path`` (so a resume on another machine
-    continues as it started, unless ``--overwrite``); for a new store it is bf16 where the device
-    computes bf16 natively (:func:`advpipe.utils.fast_bf16`) and fp32 elsewhere, including with
-    ``--scheduler`` (the workers' hardware is not known here). Success is always checked in fp32.
-    """
-    if cfg.precision != "auto":
-        return PRECISIONS[cfg.precision]
-    if not cfg.overwrite and (path / "zarr.json").is_file():
-        try:
-            attack = open_store(path).provenance.get("attack", {})
-        except AdvpipeError:
-            attack = {}
-        if "autocast_dtype" in attack and attack["autocast_dtype"] in PRECISIONS.values():
-            return attack["autocast_dtype"]
-    if cfg.scheduler is not None:
-        return None
-    return "bf16" if fast_bf16(resolve_device(cfg.device)) else None
-
-
-def _check_config(cfg: PrecomputeConfig) -> None:
-    if not isinstance(cfg.eps, Fraction) or not 0 < cfg.eps <= 1:
-        raise AdvpipeError(f"--eps must be a fraction in (0, 1], got {cfg.eps!r}")
-    for name, value in (("--batch-size", cfg.batch_size), ("--chunk-size", cfg.chunk_size)):
-        if value < 1:
-            raise AdvpipeError(f"{name} must be at least 1, got {value}")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise AdvpipeError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise AdvpipeError(f"--limit must be a positive number of samples, got {cfg.limit}")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise AdvpipeError(f"--workers must be 0 (in this process) or more, got {cfg.workers}")
-    if cfg.scheduler is not None and cfg.workers is not None:
-        raise AdvpipeError("--workers and --scheduler exclude each other (the scheduler's cluster has its own workers)")
-    if cfg.seed < 0:
-        raise AdvpipeError(f"--seed must be >= 0, got {cfg.seed}")
-    if cfg.precision not in PRECISIONS:
-        raise AdvpipeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-
-
-def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackConfig) -> Path:
-    """A descriptive store path under ``masks/``, e.g. ``masks/cifar10-train-vgg19-eps8_255.zarr``."""
-    eps = Fraction(cfg.eps)
-    parts = [cfg.data, cfg.split, arch, f"eps{eps.numerator}_{eps.denominator}"]
-    if cfg.limit is not None:
-        parts.append(f"n{cfg.limit}")
-    if cfg.targeted is not None:
-        parts.append(f"targeted-{cfg.targeted}")
-    if cfg.steps is not None and cfg.steps != SparseAttackConfig().steps:
-        parts.append(f"steps{cfg.steps}")
-    if cfg.encoder is not None:
-        parts.append(cfg.encoder)
-    if cfg.seed:
-        parts.append(f"seed{cfg.seed}")
-    if cfg.attack_options:
-        # Any other hyperparameter gets a short stable tag so variants do not collide.
-        import hashlib
-        import json
-
-        # The precision is left out: --precision auto may resolve differently on another machine.
-        options = {k: v for k, v in attack.to_dict().items() if k != "autocast_dtype"}
-        tag = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        parts.append(f"opts{tag}")
-    return Path("masks") / ("-".join(p.replace("/", "_") for p in parts) + ".zarr")
 
 
 # --------------------------------------------------------------------------- worker side
@@ -335,10 +180,10 @@ def _clean_accuracy(ckpt: Checkpoint, cfg: PrecomputeConfig, path: Path) -> floa
 
 def _check_fits(ckpt: Checkpoint, ds: DatasetSplit, path: Path, cfg: PrecomputeConfig, warnings: list[str]) -> None:
     if cfg.model is not None and ckpt.arch != cfg.model:
-        raise AdvpipeError(f"{path} holds a {ckpt.arch} model, but --model is {cfg.model}")
+        raise AdvpipeError(f"{path} is a {ckpt.arch} checkpoint, but model is {cfg.model}", fields=("model",))
     if dataset_family(ckpt.dataset) != dataset_family(cfg.data):
-        raise AdvpipeError(f"{path} was trained on {ckpt.dataset}, not on {cfg.data}; pass --data {ckpt.dataset} "
-                           "or a checkpoint trained on this dataset")
+        raise AdvpipeError(f"{path} was trained on {ckpt.dataset}, not on {cfg.data}; pass data {ckpt.dataset} "
+                           "or a checkpoint trained on this dataset", fields=("data",))
     if ds.num_classes != ckpt.num_classes:
         raise AdvpipeError(f"{path} predicts {ckpt.num_classes} classes but {cfg.data} has {ds.num_classes}")
     if ds.image_shape[-1] != ckpt.image_size:
@@ -375,11 +220,11 @@ def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
     an interruption resumes; re-running on a complete store with the same configuration just
     returns its summary.
     """
-    _check_config(cfg)
+    check_config(cfg)
     attack = attack_config(cfg)
     if cfg.scheduler is None:
         resolve_device(cfg.device)  # fail early; with --scheduler the device is the workers' business
-    ckpt_path = _find_checkpoint(cfg).absolute()
+    ckpt_path = find_checkpoint(cfg).absolute()
     ckpt = load_checkpoint(ckpt_path)
     ds = load_dataset(cfg.data, cfg.split, data_dir=cfg.data_dir, limit=cfg.limit, image_size=ckpt.image_size)
     warnings: list[str] = []

@@ -27,14 +27,14 @@ def parse_aug(spec: str) -> tuple[str, str]:
             return name, "standard"
         if name in methods and name != "standard":
             return "none", name
-        raise AdvpipeError(f"unknown --aug {spec!r}; {choices}")
+        raise AdvpipeError(f"unknown aug {spec!r}; {choices}", fields=("aug",))
     if len(parts) != 2 or not all(parts):
-        raise AdvpipeError(f"--aug {spec!r} must be one name or AUGMENTATION+METHOD; {choices}")
+        raise AdvpipeError(f"aug {spec!r} must be one name or AUGMENTATION+METHOD; {choices}", fields=("aug",))
     first, second = parts
     if first in methods and second in augments:
-        raise AdvpipeError(f"--aug {spec!r}: put the input augmentation first ({second}+{first})")
+        raise AdvpipeError(f"aug {spec!r}: put the input augmentation first ({second}+{first})", fields=("aug",))
     if first not in augments or first == "none":
-        raise AdvpipeError(f"--aug {spec!r}: {first!r} is not an input augmentation; {choices}")
+        raise AdvpipeError(f"aug {spec!r}: {first!r} is not an input augmentation; {choices}", fields=("aug",))
     if second not in methods or second == "standard":
-        raise AdvpipeError(f"--aug {spec!r}: {second!r} is not a training method; {choices}")
+        raise AdvpipeError(f"aug {spec!r}: {second!r} is not a training method; {choices}", fields=("aug",))
     return first, second
