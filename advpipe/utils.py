@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -19,10 +20,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
+        device = None
+    # meta, xla, ... parse but cannot train or evaluate (meta tensors hold no data)
+    if device is None or device.type not in ("cpu", "cuda"):
         raise AdvpipeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AdvpipeError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        raise AdvpipeError(f"device {name!r} requested but CUDA is not available; use device cpu or auto",
+                           fields=("device",))
     return device
 
 
@@ -37,21 +42,37 @@ def fast_bf16(device: torch.device) -> bool:
     return False
 
 
+#: the largest numerator or denominator a parsed fraction may have
+MAX_FRACTION_TERM = 10**18
+
+
 def parse_fraction(text: str, *, name: str = "value", low: float = 0.0, high: float = 1.0) -> Fraction:
     """Parse ``8/255``, ``0.03137`` or ``8/255.0`` into a Fraction in (low, high] without eval."""
     forms = "accepted forms: 8/255, 0.03137 or 8/255.0"
     raw = str(text).strip()
+    # Fraction("1e-10000000") alone takes many seconds: refuse exponents of three or more digits first
+    if any(len(exp.lstrip("+-0")) > 2 for exp in re.findall(r"[eE]([+-]?\d+)", raw)):
+        raise AdvpipeError(f"{name} {text!r} is too large, too small or too precise; {forms}")
     try:
         if raw.count("/") == 1:
             num, den = (part.strip() for part in raw.split("/"))
             value = Fraction(num) / Fraction(den)
         else:
             value = Fraction(raw)
-    except (ValueError, ZeroDivisionError):
-        raise AdvpipeError(f"invalid {name} {text!r}; {forms}") from None
+    except (ValueError, ZeroDivisionError) as exc:
+        raise AdvpipeError(f"invalid {name} {text!r}; {forms}") from exc
     if not (low < value <= high):
         raise AdvpipeError(f"{name} {text!r} is outside ({low:g}, {high:g}]; {forms}")
+    # 1e-5000 is a valid Fraction whose 5000-digit denominator no float, string or store field can carry
+    if max(abs(value.numerator), value.denominator) > MAX_FRACTION_TERM:
+        raise AdvpipeError(f"{name} {text!r} is too small or too precise (numerator and denominator must stay "
+                           f"below 10^18); {forms}")
     return value
+
+
+#: the process umask, read once (os.umask can only be read by setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -60,6 +81,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; the file gets the mode a plain open would give
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -97,7 +120,7 @@ def check_writable_dir(path: str | Path, what: str = "output folder") -> Path:
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
         probe.close()
     except OSError as exc:
-        raise AdvpipeError(f"cannot write to {what} {str(path)!r}: {exc.strerror or exc}") from None
+        raise AdvpipeError(f"cannot write to {what} {str(path)!r}: {exc.strerror or exc}") from exc
     return path
 
 

@@ -115,6 +115,9 @@ def test_image_folder_streams_through_the_same_transform(tmp_path):
     assert [b.images.shape[0] for b in batches] == [4]  # drop_last in training
     assert torch.equal(batches[0].images, again[0].images)
     assert batches[0].images.dtype == torch.float32 and 0 <= batches[0].images.min() <= batches[0].images.max() <= 1
+    # loader workers are spawned, so a lazy split (also a --limit one) must pickle with its fingerprint
+    for split in (ds, load_dataset("folder", "train", data_dir=tmp_path, image_size=16, limit=4)):
+        assert pickle.loads(pickle.dumps(split)).fingerprint == split.fingerprint
 
 
 def _reference_crop_flip(x, top, left, flip, pad):

@@ -111,17 +111,33 @@ def test_precompute_publish_train_pinned_then_a_replaced_chunk_is_refused(world)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert f"#sha256={digest[7:]}" in (run / "config.yaml").read_text()  # the pin is recorded with the run
 
-    # Another team swaps a mask chunk for other masks of the same shape: a valid checksum, other bytes.
+    # Another team swaps chunk 0's masks for others and rewrites every row that describes a mask to
+    # agree (l0 counts, mask hashes, the summary): valid checksums, consistent rows, other bytes.
+    from advpipe.pipeline.codecs import mask_hash
+    from advpipe.pipeline.provenance import SUMMARY_STATS, summarize
+
     forged = world["root"] / "forged.zarr"
     shutil.copytree(store, forged)
     group = zarr.open_group(str(forged), mode="r+")
-    group["masks"][0:CHUNK] = ~group["masks"][0:CHUNK]
+    masks = ~group["masks"][0:CHUNK]
+    pixels = masks.reshape(CHUNK, -1).sum(1)
+    group["masks"][0:CHUNK] = masks
+    group["l0_pixels"][0:CHUNK], group["l0"][0:CHUNK] = pixels, 3 * pixels
+    group["mask_hash"][0:CHUNK] = mask_hash(masks, group["sample_hash"][0:CHUNK])
+    root = json.loads((forged / "zarr.json").read_text())
+    root["attributes"]["advpipe"]["summary"] = summarize(
+        {name: group[name][:] for name in (*SUMMARY_STATS, "success", "clean_correct")})
+    (forged / "zarr.json").write_text(json.dumps(root))
     chunk = (forged / "masks" / "c" / "0" / "0" / "0").read_bytes()
     assert chunk != (store / "masks" / "c" / "0" / "0" / "0").read_bytes()
-    world["client"].put_object(Bucket=BUCKET, Key="chain/embedded.zarr/masks/c/0/0/0", Body=chunk)
+    changed = {key: (forged / key).read_bytes()
+               for key in ("masks/c/0/0/0", "l0_pixels/c/0", "l0/c/0", "mask_hash/c/0", "zarr.json")}
+    for key, data in changed.items():
+        if key != "zarr.json":  # the summary goes up with the forged manifest, below
+            world["client"].put_object(Bucket=BUCKET, Key=f"chain/embedded.zarr/{key}", Body=data)
     assert verify_store(url, digest=None, fingerprint=None) != []  # the manifest still lists the old bytes
     unpinned = open_store(url)
-    assert unpinned.read_masks(0, CHUNK).shape == (CHUNK, 32, 32)  # checksums alone cannot tell
+    assert unpinned.read_masks(0, CHUNK).shape == (CHUNK, 32, 32)  # checksums and rows alone cannot tell
 
     refused = cli(*train_args(world, url, "run-refused", "--masks-digest", digest))
     one_error_line(refused, digest, "masks/c/0/0/0")
@@ -131,8 +147,9 @@ def test_precompute_publish_train_pinned_then_a_replaced_chunk_is_refused(world)
 
     # A forger who also rewrites the manifest changes the digest, and the pin names both.
     objects = {k: v for k, v in Location(url).load_manifest().objects.items()}
-    objects["masks/c/0/0/0"] = (len(chunk), sha256_hex(chunk))
+    objects.update({key: (len(data), sha256_hex(data)) for key, data in changed.items()})
     forged_manifest = encode_manifest(objects)
+    world["client"].put_object(Bucket=BUCKET, Key="chain/embedded.zarr/zarr.json", Body=changed["zarr.json"])
     world["client"].put_object(Bucket=BUCKET, Key=f"chain/embedded.zarr/{MANIFEST_KEY}", Body=forged_manifest)
     assert verify_store(url) == []  # consistent in itself
     refused = cli(*train_args(world, f"{url}#sha256={digest[7:]}", "run-refused-2"))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 import pytest
 import torch
 
@@ -461,3 +462,42 @@ def test_sample_hash_follows_documented_rule(data: dict[str, np.ndarray]) -> Non
     assert len(set(sample_hash(images).tolist())) == N
     with pytest.raises(AdvpipeError, match="uint8"):
         sample_hash(images.astype(np.float32))
+
+
+def test_mask_hash_follows_documented_rule(complete_store: Path, data: dict[str, np.ndarray]) -> None:
+    from advpipe.pipeline.store import mask_hash
+
+    stored = zarr.open_group(str(complete_store), mode="r")["mask_hash"][:]
+    keys = data["sample_hash"].astype("<u8")
+    expected = [int.from_bytes(hashlib.blake2b(keys[i].tobytes() + np.packbits(data["masks"][i].ravel()).tobytes(),
+                                               digest_size=8).digest(), "little") for i in range(5)]
+    assert stored[:5].tolist() == expected
+    np.testing.assert_array_equal(stored, mask_hash(data["masks"], data["sample_hash"]))
+    assert "mask_hash" in open_store(complete_store).provenance  # the rule, beside the sample_hash rule
+
+
+def _make_legacy(store: Path) -> None:
+    """Turn a store into one written before mask hashes existed: no mask_hash array, no rule attribute."""
+    shutil.rmtree(store / "mask_hash")
+    root = json.loads((store / "zarr.json").read_text())
+    del root["consolidated_metadata"]["metadata"]["mask_hash"]
+    del root["attributes"]["advpipe"]["mask_hash"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    (store / "advpipe.manifest.json").unlink()
+
+
+def test_a_store_without_mask_hashes_is_read_with_a_warning_and_the_l0_check(
+        complete_store: Path, data: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture) -> None:
+    _make_legacy(complete_store)
+    with caplog.at_level("WARNING"):
+        store = open_store(complete_store)
+    assert "predates per-sample mask hashes" in caplog.text and not store.has_mask_hash
+    np.testing.assert_array_equal(store.read_masks(0, N), data["masks"])
+    assert verify_store(complete_store) == []
+    masks = zarr.open_group(str(complete_store), mode="r+")["masks"]
+    masks[...] = np.ones(masks.shape, dtype=bool)  # all-True: more pixels than l0_pixels on every row
+    with pytest.raises(AdvpipeError, match=r"masks have more pixels than l0_pixels"):
+        open_store(complete_store).read_masks(0, N)
+    masks.with_config({"write_empty_chunks": True})[...] = np.zeros(masks.shape, dtype=bool)
+    with pytest.raises(AdvpipeError, match=r"masks disagree with their rows \(mask has fewer pixels than l0_pixels"):
+        open_store(complete_store).read_masks(0, N)

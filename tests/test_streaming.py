@@ -183,7 +183,9 @@ def test_a_pinned_store_streams_only_the_content_it_was_pinned_to(ds, store_path
     shutil.copytree(store_path, forged)
     group = zarr.open_group(str(forged), mode="r+")
     group["masks"][0:64] = ~group["masks"][0:64]
-    assert isinstance(attack_mask_source(str(forged), ds, torch.device("cpu")), ResidentMasks)
+    # unpinned, the masks no longer match their l0_pixels rows and recorded mask hashes (issue 18)
+    with pytest.raises(AdvpipeError, match=r"masks disagree with their rows .*first indices \[0, 1, 2, 3, 4\]"):
+        attack_mask_source(str(forged), ds, torch.device("cpu"))
     with pytest.raises(AdvpipeError, match=rf"object 'masks/c/0/0/0' differs from manifest {digest} \(pinned\)"):
         attack_mask_source(f"{forged}#sha256={digest[7:]}", ds, torch.device("cpu"))
 
@@ -198,10 +200,11 @@ def test_a_pinned_store_proves_its_flags_and_hashes_without_reading_them(ds, sto
     monkeypatch.setattr(MaskStore, "_read", lambda self, name, *a: reads.append(name) or original(self, name, *a))
     attack_mask_source(f"{store_path}#sha256={digest[7:]}", ds, torch.device("cpu"))
     # the pinned manifest lists the objects that "all done" and these images' hashes encode to
-    assert reads == ["masks"]
+    # the masks, and the rows each mask is checked against (issue 18): l0_pixels and the recorded mask hashes
+    assert reads == ["masks", "l0_pixels", "mask_hash"]
     reads.clear()
     attack_mask_source(str(store_path), ds, torch.device("cpu"))  # unpinned: read and compared
-    assert reads == ["chunk_done", "sample_hash", "masks"]
+    assert reads == ["chunk_done", "sample_hash", "masks", "l0_pixels", "mask_hash"]
     import dataclasses
 
     other = dataclasses.replace(ds, images=ds.images.clone())
@@ -211,3 +214,20 @@ def test_a_pinned_store_proves_its_flags_and_hashes_without_reading_them(ds, sto
     with pytest.raises(AdvpipeError, match="1 samples do not match the data by content hash"):
         open_for_training(f"{store_path}#sha256={digest[7:]}", other)
     assert reads == ["sample_hash"]  # the proof failed, so the hashes were read and compared
+
+
+def test_training_refuses_swapped_mask_chunks_on_both_paths(ds, store_path, tmp_path):
+    import shutil
+
+    swapped = tmp_path / "swapped.zarr"
+    shutil.copytree(store_path, swapped)
+    a, b = (swapped / "masks" / "c" / str(i) / "0" / "0" for i in (1, 2))
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.raises(AdvpipeError, match=r"masks disagree with their rows .*first indices \[64,"):
+        attack_mask_source(str(swapped), ds, torch.device("cpu"))  # resident: read whole, refused before training
+    cache = ChunkCache(open_for_training(str(swapped), ds), torch.device("cpu"))
+    assert torch.equal(cache(torch.arange(10)), torch.from_numpy(fake_masks(ds))[:10])  # chunk 0 is intact
+    with pytest.raises(AdvpipeError, match=r"in rows \[64, 128\)"):
+        cache(torch.arange(64, 70))  # streamed: the chunk is refused when training reaches it

@@ -94,7 +94,7 @@ def test_grid_expands_to_named_runs(tmp_path):
     ({"grid": {"aug": ["sparkles"]}}, "unknown --aug"),
     ({"grid": {}}, "the grid is empty"),
     ({"grid": {"aug": []}}, "has no values"),
-    ({"grid": {"seed": [0], "lr": [-1.0]}}, "--lr must be positive"),
+    ({"grid": {"seed": [0], "lr": [-1.0]}}, "lr must be positive"),
     ({"grid": {"weight_decay": [float("nan")]}}, "finite"),
     ({"grid": {"aug": ["advmask"]}}, "needs attack masks"),
     ({"train": {**TINY["train"], "model": "resnet9000"}}, "unknown model"),

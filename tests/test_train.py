@@ -89,7 +89,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_resume_refuses_other_architecture_or_data(embedded_run):
     result = runner.invoke(app, ["train", "--model", "resnet32", "--epochs", "3", "--out", str(embedded_run),
                                  "--resume", "--device", "cpu"])
-    assert result.exit_code == 2 and "holds a resnet20 model" in result.output
+    assert result.exit_code == 2 and "is a resnet20 checkpoint, but --model is resnet32" in result.output
     result = runner.invoke(app, ["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "3",
                                  "--out", str(embedded_run), "--resume", "--device", "cpu"])
     assert result.exit_code == 2 and "was trained on embedded" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tracemalloc
@@ -86,7 +87,7 @@ def test_attributes_declaring_too_many_chunks_and_huge_metadata_are_refused(stor
     refused_cheaply(lambda: open_store(store), "more than 1000000 chunks")
     with open(store / "zarr.json", "r+b") as fh:  # a 4 GiB metadata document (sparse: no disk used)
         fh.truncate(4 << 30)
-    refused_cheaply(lambda: open_store(store), r"object zarr.json is 4294967296 bytes \(limit 16777216\)")
+    refused_cheaply(lambda: open_store(store), r"object zarr.json is 4294967296 bytes \(limit 1048576\)")
 
 
 def _set_declared_size(zip_path: Path, member: str, size: int) -> None:
@@ -166,3 +167,42 @@ def test_keys_with_dotdot_are_refused(store: Path, tmp_path: Path) -> None:
         pull(str(store), tmp_path / "pulled" / "copy.zarr")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "pulled").exists()
     assert not os.path.exists(tmp_path.parent / "escaped")
+
+
+def test_a_missing_object_of_a_complete_store_is_an_error_whatever_its_key_encoding(store: Path) -> None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    guard = open_store(store).location.wrapper
+    for key in ("masks/c/9/0/0", "masks/9.0.0", "l0/9", "labels/c/9"):  # default and v2 encodings
+        with pytest.raises(FileNotFoundError, match=f"chunk object {re.escape(key)} is missing"):
+            sync(guard.get(key, default_buffer_prototype()))
+    assert sync(guard.get("chunk_done/c/9", default_buffer_prototype())) is None  # an absent flag: not done
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}), "chunk_key_encoding"),
+    (lambda m: m.update(codecs=[c for c in m["codecs"] if c["name"] != "crc32c"]), "no crc32c codec"),
+    (lambda m: m.update(fill_value=True), "fill value True"),
+])
+def test_layout_edits_are_refused_on_every_read_path(store: Path, edit, message: str) -> None:
+    for meta_path in (None, store / "masks" / "zarr.json"):
+        if meta_path is None:
+            root = json.loads((store / "zarr.json").read_text())
+            edit(root["consolidated_metadata"]["metadata"]["masks"])
+            (store / "zarr.json").write_text(json.dumps(root))
+        else:
+            meta = json.loads(meta_path.read_text())
+            edit(meta)
+            meta_path.write_text(json.dumps(meta))
+    with pytest.raises(AdvpipeError, match=re.escape(message)):
+        open_store(store)  # what training, info, report and show open
+    assert any(message in p for p in verify_store(store))
+
+
+def test_own_array_metadata_that_differs_from_the_consolidated_copy_is_a_problem(store: Path) -> None:
+    meta = json.loads((store / "masks" / "zarr.json").read_text())
+    meta["chunk_key_encoding"] = {"name": "v2", "configuration": {"separator": "."}}
+    (store / "masks" / "zarr.json").write_text(json.dumps(meta))
+    open_store(store)  # readers use the consolidated copy, which is the format's
+    assert any("masks/zarr.json differs from the consolidated metadata" in p for p in verify_store(store))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from advpipe.cli import DataDirOpt, DeviceOpt, app, out
@@ -84,11 +85,12 @@ def _score(value: float | None) -> str:
 
 def _class_table(result: dict[str, Any], split: str) -> Table:
     clean = result["clean"]
-    table = Table(title=f"{result['checkpoint']['arch']} on {result['data']['name']}/{split} ({clean['n']} images)")
+    # names come from the checkpoint and the data folder: never read them as rich markup
+    table = Table(title=escape(f"{result['checkpoint']['arch']} on {result['data']['name']}/{split} ({clean['n']} images)"))
     table.add_column("class")
     table.add_column("top-1", justify="right")
     for name, acc in zip(result["data"]["class_names"], clean["per_class"]):
-        table.add_row(name, _pct(acc))
+        table.add_row(escape(str(name)), _pct(acc))
     table.add_row("[bold]all[/bold]", f"[bold]{_pct(clean['top1'])}[/bold]")
     return table
 
@@ -103,9 +105,9 @@ def _robustness_table(result: dict[str, Any], severities: tuple[int, ...]) -> Ta
     blank = [""] * len(severities)
     table.add_row("clean", _pct(result["clean"]["top1"]), _score(1.0 if result["clean"]["top1"] else None), *blank)
     for entry in result["attacks"].values():
-        table.add_row(entry["label"], _pct(entry["top1"]), _score(entry["robustness"]), *blank)
+        table.add_row(escape(entry["label"]), _pct(entry["top1"]), _score(entry["robustness"]), *blank)
     for name, entry in result["corruptions"].items():
-        table.add_row(name, _pct(entry["top1"]), _score(entry["robustness"]),
+        table.add_row(escape(name), _pct(entry["top1"]), _score(entry["robustness"]),
                       *(_pct(level["top1"]) for level in entry["severities"]))
     summary = result["summary"]
     if result["corruptions"]:

@@ -65,12 +65,20 @@ def _attack_label(prov: dict[str, Any]) -> str:
     return f"{prov['model']['arch']} on {prov['dataset']['name']}/{prov['dataset']['split']}, eps {attack.get('eps')}, {kind}"
 
 
-def _add_mapping(node: Tree, mapping: dict[str, Any]) -> None:
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            _add_mapping(node.add(f"{key}"), value)
+def _text(value: Any, limit: int = 200) -> str:
+    """A store's value as plain text for rich: markup escaped, cut to ``limit`` characters."""
+    from rich.markup import escape
+
+    text = str(value)
+    return escape(text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)")
+
+
+def _add_mapping(node: Tree, mapping: dict[str, Any], depth: int = 0) -> None:
+    for key, value in list(mapping.items())[:100]:
+        if isinstance(value, dict) and depth < 8:
+            _add_mapping(node.add(_text(key)), value, depth + 1)
         else:
-            node.add(f"{key}: {value}")
+            node.add(f"{_text(key)}: {_text(value)}")
 
 
 def _open(store: str, storage_option: Optional[list[str]], digest: Optional[str]) -> Any:
@@ -93,8 +101,8 @@ def _published_line(s: Any) -> Optional[str]:
         marker = None
     if not isinstance(marker, dict):
         return None
-    same = "" if marker.get("digest") == s.digest else f" [red]for another digest {str(marker.get('digest'))[:80]}[/red]"
-    return f"published {str(marker.get('published'))[:40]} with advpipe {str(marker.get('advpipe'))[:20]}{same}"
+    same = "" if marker.get("digest") == s.digest else f" [red]for another digest {_text(str(marker.get('digest'))[:80])}[/red]"
+    return f"published {_text(str(marker.get('published'))[:40])} with advpipe {_text(str(marker.get('advpipe'))[:20])}{same}"
 
 
 @masks_app.command("info")
@@ -107,9 +115,9 @@ def info(store: str = StoreArg, storage_option: Optional[list[str]] = StorageOpt
     s = _open(store, storage_option, digest)
     prov = s.provenance
     done = s.chunk_done()
-    tree = Tree(f"[bold]mask store[/bold] {s.location.root}{' (zip)' if s.location.is_zip else ''}")
+    tree = Tree(f"[bold]mask store[/bold] {_text(s.location.root, 1000)}{' (zip)' if s.location.is_zip else ''}")
     status = prov["status"] + (f" (completed {prov['completed']})" if prov.get("completed") else "")
-    tree.add(f"format: {prov['format']}, status: {status}, created {prov['created']}")
+    tree.add(_text(f"format: {prov['format']}, status: {status}, created {prov.get('created')}"))
     if s.manifest is not None:
         pinned = ", pinned" if s.manifest.pinned else ""
         tree.add(f"manifest: {len(s.manifest.objects)} objects, {s.manifest.total_bytes:,} bytes{pinned}")
@@ -118,18 +126,22 @@ def info(store: str = StoreArg, storage_option: Optional[list[str]] = StorageOpt
     else:
         tree.add("manifest: none (a finished precompute or `advpipe masks publish` writes one)")
     ds = prov["dataset"]
-    tree.add(f"dataset: {ds['name']}/{ds['split']}, n={ds['n']}, image {tuple(ds['image_shape'])}, "
-             f"fingerprint {ds['fingerprint']}")
+    tree.add(_text(f"dataset: {ds['name']}/{ds['split']}, n={ds['n']}, image {tuple(ds['image_shape'])}, "
+                   f"fingerprint {ds['fingerprint']}", 1000))
     model = prov["model"]
-    tree.add(f"model: {model['arch']}, clean accuracy {100 * model['clean_accuracy']:.2f}%, "
-             f"checkpoint sha256 {model['checkpoint_sha256']}")
+    tree.add(_text(f"model: {model['arch']}, clean accuracy {100 * model['clean_accuracy']:.2f}%, "
+                   f"checkpoint sha256 {model['checkpoint_sha256']}", 1000))
     _add_mapping(tree.add("attack"), prov["attack"])
     tree.add(f"seed {prov['seed']}, chunk size {prov['chunk_size']}, chunks done {int(done.sum())} of {s.n_chunks}")
     versions = prov.get("versions") or {}
-    tree.add("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    tree.add(_text("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict)
+                   else versions, 1000))
     resumed = prov.get("resumed") or []
     if resumed:
-        tree.add(f"resumed {len(resumed)} time(s), last at {resumed[-1].get('time')}")
+        last = resumed[-1].get("time") if isinstance(resumed[-1], dict) else resumed[-1]
+        tree.add(_text(f"resumed {len(resumed)} time(s), last at {last}"))
+    if not s.has_mask_hash:
+        tree.add("mask hashes: none (written before they existed; masks are checked against l0_pixels only)")
     out.print(tree)
     echo(f"content digest: {s.digest or 'none'}")  # one unbroken line, to copy into --masks-digest
     summary, counted = store_summary(s)
@@ -138,8 +150,30 @@ def info(store: str = StoreArg, storage_option: Optional[list[str]] = StorageOpt
         return
     if not s.complete:
         echo(f"partial summary: {counted} of {s.n_chunks} chunks done")
+    elif (stale := _summary_disagrees(s, summary)) is not None:
+        echo(f"warning: the stored summary disagrees with the arrays ({stale}); showing the one recomputed from "
+             f"the arrays; run `advpipe masks verify` on the store")
+        summary, _ = store_summary(s, recompute=True)
     echo(summary_lines(summary))
     out.print(summary_table(summary))
+
+
+def _summary_disagrees(s: Any, stored: Any) -> Optional[str]:
+    """Name the first key where a complete store's stored summary differs from the arrays (None if none)."""
+    import math
+
+    from advpipe.pipeline.report import store_summary
+
+    fresh, _ = store_summary(s, recompute=True)
+    if not isinstance(stored, dict):
+        return "it is not a mapping"
+    for key, value in fresh.items():
+        mine = stored.get(key)
+        same = (mine == value or (isinstance(mine, (int, float)) and isinstance(value, (int, float))
+                                  and not isinstance(mine, bool) and math.isclose(mine, value, rel_tol=1e-9, abs_tol=1e-12)))
+        if not same:
+            return f"{key}: stored {str(mine)[:40]}, arrays {value}"
+    return None
 
 
 @masks_app.command("verify")
@@ -153,8 +187,15 @@ def verify(
     limit: Optional[int] = typer.Option(None, "--limit", help="First N samples of the split (default: the store's n)."),
     storage_option: Optional[list[str]] = StorageOpt,
     digest: Optional[str] = DigestOpt,
+    recompute: Optional[int] = typer.Option(None, "--recompute", help="Also re-run the attack for K randomly chosen "
+                                            "chunks from the store's recorded configuration and compare the masks "
+                                            "(exit 2 if one disagrees)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="With --recompute: the attacked checkpoint "
+                                             "(default: found by the store's sha256); its sha256 must match."),
 ) -> None:
     """Check completeness, layout, checksums, summary and manifest (and the data, with --data); exit 1 on any problem."""
+    if checkpoint is not None and recompute is None:
+        raise AdvpipeError("--checkpoint is only used with --recompute K")
     import numpy as np
 
     from advpipe.pipeline.location import Location
@@ -180,19 +221,28 @@ def verify(
                  for i in track(range(0, len(ds), step), "hashing samples")]
         hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
         against = f" and matches {ds.name}/{ds.split} ({len(ds)} samples, fingerprint {fingerprint})"
-    kw = {"storage_options": options, "digest": digest}
-    try:
-        problems = verify_store(store, fingerprint=fingerprint, sample_hashes=hashes, **kw)
-    except AdvpipeError as exc:
-        # The per-sample hash comparison reads the whole sample_hash array and raises if a chunk of
-        # it is damaged; report that chunk through the structural check instead.
-        problems = verify_store(store, fingerprint=fingerprint, **kw) + [f"sample hashes could not be compared: {exc}"]
+    # A store that cannot be reached (a timeout, no connection) raises: one line, exit 2, no retry.
+    problems = verify_store(store, fingerprint=fingerprint, sample_hashes=hashes, storage_options=options, digest=digest)
     if problems:
         _report_problems(store, problems)
     manifest = Location(store, options, digest).load_manifest()
     content = (f"; every object matches its manifest {manifest.digest}{' (pinned)' if manifest.pinned else ''}"
                if manifest is not None else "; it has no manifest, so its content cannot be pinned")
-    echo(f"ok: {store} is complete and intact{against}{content}")
+    recomputed = _recompute(s, recompute, checkpoint, data_dir) if recompute is not None else ""
+    echo(f"ok: {store} is complete and intact{against}{content}{recomputed}")
+
+
+def _recompute(s: Any, k: int, checkpoint: Optional[str], data_dir: Optional[str]) -> str:
+    """Re-attack ``k`` random chunks of the verified store; raise (exit 2, one line) if one disagrees."""
+    from advpipe.pipeline.recompute import check_agreement, recompute_chunks
+
+    results = recompute_chunks(s, k, checkpoint=checkpoint, data_dir=data_dir)
+    for result in results:
+        echo(f"recomputed {result.describe()}")
+    check_agreement(results, provenance=s.provenance)
+    exact = sum(r.exact for r in results)
+    return (f"; {len(results)} recomputed chunk(s) agree with it ({exact} identical) under the recorded "
+            "configuration and checkpoint")
 
 
 def _report_problems(store: str, problems: list[str]) -> None:

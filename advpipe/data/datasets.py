@@ -8,6 +8,7 @@ disk and are read lazily.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -82,15 +83,32 @@ class DatasetSplit:
         return torch.stack([read_image(self.files[int(i)], self.image_shape[1:]) for i in index])  # type: ignore[index]
 
 
+#: the most pixels an image file may declare before it is decoded (PIL's own default bound, about
+#: 9459 x 9459; about 270 MB decoded as RGB): a larger one is refused, not decompressed
+MAX_IMAGE_PIXELS = 89_478_485
+
+
 def read_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Read an image file as uint8 (3,H,W), resized to ``size``."""
+    """Read an image file as uint8 (3,H,W), resized to ``size``; unreadable or oversized files raise AdvpipeError."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise AdvpipeError(f"image {str(path)!r} declares {width}x{height} pixels, over the "
+                                       f"{MAX_IMAGE_PIXELS:,}-pixel bound; it is not decoded")
+                img = img.convert("RGB")
+                if img.size != (size[1], size[0]):
+                    img = img.resize((size[1], size[0]), Image.BILINEAR)
+                array = np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        # PIL reports a truncated or foreign file as OSError (UnidentifiedImageError), some plugins as SyntaxError
+        raise AdvpipeError(f"cannot read image {str(path)!r}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -117,7 +135,7 @@ def load_dataset(
     if split not in SPLITS:
         raise AdvpipeError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     if limit is not None and limit <= 0:
-        raise AdvpipeError(f"--limit must be a positive number of samples, got {limit}")
+        raise AdvpipeError(f"limit must be a positive number of samples, got {limit}", fields=("limit",))
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     ds = loader(split=split, root=root, image_size=image_size, download=download)
     return apply_limit(ds, limit) if limit is not None and limit < len(ds) else ds
@@ -131,7 +149,8 @@ def apply_limit(ds: DatasetSplit, limit: int) -> DatasetSplit:
     out = DatasetSplit(ds.name, ds.split, ds.labels[:limit].clone(), ds.class_names, ds.mean, ds.std,
                        ds.image_shape, images=images, files=files)
     if files is not None and parent_fp is not None:
-        out.fingerprint_fn = lambda: folder_fingerprint(files, out.labels, ds.image_shape)
+        # a partial, not a lambda: lazy splits travel to spawned loader workers by pickle
+        out.fingerprint_fn = functools.partial(folder_fingerprint, files, out.labels, ds.image_shape)
     return out
 
 
@@ -169,7 +188,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
             images, labels = data["images"], data["labels"]
             names = [str(n) for n in data["class_names"]] if "class_names" in data else None
     except (OSError, ValueError) as exc:
-        raise AdvpipeError(f"cannot read {path}: {exc}") from None
+        raise AdvpipeError(f"cannot read {path}: {exc}") from exc
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise AdvpipeError(f"{path}: 'images' must be uint8 NHWC with 1 or 3 channels, got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],):
@@ -208,8 +227,7 @@ def _find_cifar(root: Path, variant: str) -> tuple[str, Path]:
     raise AdvpipeError(
         f"no {variant} data under {str(root)!r}: expected {pickle_dir}/ (the python version from "
         f"https://www.cs.toronto.edu/~kriz/cifar.html) or train.npz/test.npz with 'images' and 'labels'; "
-        f"set --data-dir or ADVPIPE_DATA_DIR, or pass --download"
-    )
+        f"set data_dir or ADVPIPE_DATA_DIR, or pass download", fields=("data_dir", "download"))
 
 
 def _load_cifar(variant: str, split: str, root: Path, download: bool) -> DatasetSplit:
@@ -236,7 +254,7 @@ def _load_cifar(variant: str, split: str, root: Path, download: bool) -> Dataset
         data = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = np.concatenate([np.asarray(p[label_key]) for p in parts]).astype(np.int64)
     except (OSError, KeyError, pickle.UnpicklingError, ValueError) as exc:
-        raise AdvpipeError(f"cannot read {variant} batches in {folder}: {exc}") from None
+        raise AdvpipeError(f"cannot read {variant} batches in {folder}: {exc}") from exc
     key = {"files": [file_stat_key(folder / f) for f in files]}
     return _from_arrays(variant, split, np.ascontiguousarray(data), labels, classes, mean, std, key)
 
@@ -302,8 +320,7 @@ def _folder(*, split: str, root: Path, image_size: int | None, download: bool) -
     if folder is None:
         raise AdvpipeError(
             f"no image folder for split {split!r} under {str(root)!r}: expected {root}/train/<class>/*.png and "
-            f"{root}/val/ or {root}/test/ (ImageFolder layout); set --data-dir"
-        )
+            f"{root}/val/ or {root}/test/ (ImageFolder layout); set data_dir", fields=("data_dir",))
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if split != "train" and (root / "train").is_dir():  # class indices must agree with the train split
         classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
@@ -319,5 +336,5 @@ def _folder(*, split: str, root: Path, image_size: int | None, download: bool) -
     labels_t = torch.tensor(labels, dtype=torch.long)
     shape = (3, size, size)
     ds = DatasetSplit("folder", split, labels_t, classes, IMAGENET_MEAN, IMAGENET_STD, shape, files=files)
-    ds.fingerprint_fn = lambda: folder_fingerprint(files, labels_t, shape)
+    ds.fingerprint_fn = functools.partial(folder_fingerprint, files, labels_t, shape)  # picklable for workers
     return ds

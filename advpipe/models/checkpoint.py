@@ -7,6 +7,7 @@ field is checked before use.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -93,13 +94,17 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate an advpipe checkpoint (a path or ``builtin:<name>``); anything else raises AdvpipeError."""
     path = resolve_checkpoint(path)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as exc:  # a name over 255 bytes, a loop of symlinks, ...
+        raise AdvpipeError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
+    if not exists:
         raise AdvpipeError(f"checkpoint {str(path)!r} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdvpipeError(f"{path} is not a readable advpipe checkpoint ({first[:160]})") from None
+        raise AdvpipeError(f"{path} is not a readable advpipe checkpoint ({first[:160]})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AdvpipeError(f"{path} is not an advpipe checkpoint (expected format {FORMAT!r})")
     try:
@@ -120,10 +125,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             info=_typed({"info": payload.get("info", {})}, "info", dict),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: {exc}") from None
+        raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: {exc}") from exc
     if not all(isinstance(v, torch.Tensor) for v in ckpt.model_state.values()):
         raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: model_state holds non-tensors")
+    problem = _field_problem(ckpt)
+    if problem:
+        raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: {problem}")
     return ckpt
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold a NaN or an infinity."""
+    return [name for name, value in state.items() if isinstance(value, torch.Tensor)
+            and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())]
+
+
+def _short(values: tuple[float, ...]) -> str:
+    """A list for a message, cut after 4 entries."""
+    return str(list(values[:4]))[:-1] + (f", ... ({len(values)} values)]" if len(values) > 4 else "]")
+
+
+def _field_problem(ckpt: Checkpoint) -> str | None:
+    """What makes a parsed checkpoint unusable (bad normalization, non-finite weights), or None."""
+    mean, std = ckpt.mean, ckpt.std
+    channels = next((v.shape[1] for v in ckpt.model_state.values() if v.dim() == 4), None)  # the stem conv
+    if not mean or len(mean) != len(std) or (channels is not None and len(mean) not in (1, channels)):
+        return (f"normalization mean={_short(mean)} std={_short(std)} does not fit a model of "
+                f"{channels if channels is not None else 'unknown'} input channels")
+    if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+        return f"normalization mean={_short(mean)} std={_short(std)} must be finite with std > 0"
+    if ckpt.num_classes < 1 or ckpt.image_size < 1 or ckpt.epoch < 0:
+        return f"num_classes {ckpt.num_classes}, image_size {ckpt.image_size} and epoch {ckpt.epoch} must be positive"
+    training = ckpt.state.get("model", {})
+    bad = non_finite_tensors(ckpt.model_state) + non_finite_tensors(training if isinstance(training, dict) else {})
+    if bad:
+        return f"{len(bad)} weight tensors hold NaN or infinite values (first {bad[0]!r})"
+    return None
 
 
 def _typed(payload: dict, key: str, kind: type) -> Any:
@@ -140,4 +177,4 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], *, source:
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
-        raise AdvpipeError(f"{source} does not fit this architecture: {detail[:200]}") from None
+        raise AdvpipeError(f"{source} does not fit this architecture: {detail[:200]}") from exc

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,8 +29,9 @@ from advpipe.errors import AdvpipeError
 from advpipe.pipeline.codecs import METRICS
 from advpipe.pipeline.store import MaskStoreWriter, create_store, open_store, sample_hash
 from advpipe.progress import task
+from advpipe.rng import chunk_seed  # noqa: F401  (re-exported)
 
-__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_chunk", "chunk_seed",
+__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_chunk", "attack_images", "chunk_seed",
            "finished_chunk", "run_store"]
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,6 @@ class StoreRun:
     overwrite_hint: str = "overwrite=True"
 
 
-def chunk_seed(seed: int, index: int) -> int:
-    """The 63-bit seed of chunk ``index``: a hash of (seed, index), so it never depends on the worker."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
-
-
 def finished_chunk(writer: MaskStoreWriter, index: int, started: float) -> ChunkOutcome | None:
     """The outcome of chunk ``index`` if it is already done (a rescheduled task), else None."""
     if index in writer.pending_chunks():
@@ -114,6 +108,19 @@ def attack_chunk(writer: MaskStoreWriter, index: int, model: nn.Module, images: 
     (seed, index). Stored labels are the labels the attack used: the true label, or the target of
     a targeted attack. The store refuses a chunk that is already done.
     """
+    out = attack_images(model, images, labels, attack, batch_size=batch_size, seed=seed, index=index, device=device)
+    hashes = sample_hash(to_uint8(images.cpu()).numpy(), layout="NCHW")
+    writer.write_chunk(index, out["masks"], out["labels"], hashes, {name: out[name] for name in METRICS})
+    return ChunkOutcome(index, len(images), int(out["success"].sum()), time.perf_counter() - started)
+
+
+def attack_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: SparseAttackConfig, *,
+                  batch_size: int, seed: int, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Attack the images of chunk ``index`` in batches as a store records them: masks, labels and metrics (CPU).
+
+    The generator is seeded from (seed, index), so the same chunk, configuration, device type and
+    thread count give the same result (what ``advpipe masks verify --recompute`` relies on).
+    """
     generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", *METRICS)}
     for b in range(0, len(images), batch_size):
@@ -126,10 +133,7 @@ def attack_chunk(writer: MaskStoreWriter, index: int, model: nn.Module, images: 
                             ("clean_correct", res.clean_correct), ("l0", res.l0_elements), ("l0_pixels", res.l0_pixels),
                             ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
             parts[name].append(value.detach().cpu())
-    out = {name: torch.cat(values) for name, values in parts.items()}
-    hashes = sample_hash(to_uint8(images.cpu()).numpy(), layout="NCHW")
-    writer.write_chunk(index, out["masks"], out["labels"], hashes, {name: out[name] for name in METRICS})
-    return ChunkOutcome(index, len(images), int(out["success"].sum()), time.perf_counter() - started)
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def _complete_with_same_config(run: StoreRun) -> Any:
@@ -202,7 +206,7 @@ def run_store(run: StoreRun, make_task: Callable[[str, bool], ChunkTask],
         except AdvpipeError as exc:
             if run.overwrite_hint == "overwrite=True":
                 raise
-            raise AdvpipeError(str(exc).replace("pass overwrite=True", f"pass {run.overwrite_hint}")) from None
+            raise AdvpipeError(str(exc).replace("pass overwrite=True", f"pass {run.overwrite_hint}")) from exc
         stack.enter_context(writer)  # releases the lock on any exit; chunks done so far stay done
         pending = writer.pending_chunks()
         images_pending = sum(b - a for a, b in map(writer.chunk_bounds, pending))

@@ -27,6 +27,8 @@ FORMAT = "advpipe-masks/2"
 ATTRS_KEY = "advpipe"
 ZSTD_LEVEL = 3
 SAMPLE_HASH_RULE = "blake2b(digest_size=8) of the image's uint8 HWC C-order bytes, read as little-endian uint64"
+MASK_HASH_RULE = ("blake2b(digest_size=8) of the sample_hash as 8 little-endian bytes followed by np.packbits of the "
+                  "C-order mask (most significant bit first), read as little-endian uint64")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ ARRAYS: dict[str, ArraySpec] = {
     "loss": ArraySpec(np.dtype("float32"), float("nan")),
     "labels": ArraySpec(np.dtype("int64"), -1),
     "sample_hash": ArraySpec(np.dtype("uint64"), 0),
+    "mask_hash": ArraySpec(np.dtype("uint64"), 0),
 }
+#: arrays that stores written before they existed lack (their attribute block lacks the rule too)
+LEGACY_OPTIONAL = ("mask_hash",)
 METRICS = ("success", "clean_correct", "l0", "l0_pixels", "l2", "linf", "loss")
 DONE_ARRAY = "chunk_done"
 
@@ -119,6 +124,61 @@ def sample_hash(images_uint8: np.ndarray, *, layout: Literal["NHWC", "NCHW"] = "
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
+def mask_hash(masks: np.ndarray, sample_hashes: np.ndarray) -> np.ndarray:
+    """Return the (N,) uint64 hash tying each (H,W) mask to its image's ``sample_hash`` (see ``MASK_HASH_RULE``).
+
+    A mask moved to another row, or rewritten, no longer matches the hash recorded at write time.
+    """
+    packed = pack_masks(masks)
+    keys = np.asarray(sample_hashes, dtype="<u8")
+    if keys.shape != (len(packed),):
+        raise AdvpipeError(f"mask_hash needs one sample hash per mask, got {keys.shape} for {len(packed)} masks")
+    digests = b"".join(hashlib.blake2b(key.tobytes() + row.tobytes(), digest_size=8).digest()
+                       for key, row in zip(keys, packed))
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def decoded_chunk_bytes(name: str, chunk_shape: tuple[int, ...]) -> int:
+    """The exact size of the bytes zstd must return for one chunk of array ``name`` (after packbits for masks)."""
+    elements = math.prod(chunk_shape)
+    if name == "masks":
+        return 1 + math.ceil(elements / 8)  # numcodecs.packbits: one byte of padding count, then the bits
+    return elements * ARRAYS.get(name, ArraySpec(np.dtype(bool), False)).dtype.itemsize
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_content_size(frame: bytes) -> int | None:
+    """The decompressed size a zstd frame header declares (None when it declares none or is not a zstd frame)."""
+    if len(frame) < 6 or int.from_bytes(frame[:4], "little") != _ZSTD_MAGIC:
+        return None
+    fhd = frame[4]
+    fcs_flag, single_segment, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(frame) < pos + size:
+        return None
+    value = int.from_bytes(frame[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def check_decoded_size(name: str, stored: bytes, chunk_shape: tuple[int, ...], where: str) -> None:
+    """Refuse a stored chunk whose zstd frame does not declare exactly the chunk's decoded size.
+
+    numcodecs allocates what the frame header declares (and streams frames that declare nothing
+    without bound), so a 98 KB frame declaring 3 GiB is refused here, before anything decodes it.
+    """
+    if name not in ARRAYS:
+        return  # chunk_done has no zstd stage; crc32c checks its 5 bytes
+    expected = decoded_chunk_bytes(name, chunk_shape)
+    declared = zstd_content_size(stored[:-4])  # crc32c's 4 bytes come last
+    if declared != expected:
+        got = "no content size" if declared is None else f"{declared} bytes"
+        raise AdvpipeError(f"{where}: its zstd frame declares {got}; a chunk of {name!r} decodes to exactly "
+                           f"{expected} bytes; refusing to decompress it")
+
+
 def pack_masks(masks: np.ndarray) -> np.ndarray:
     """Bit-pack (N,H,W) bool masks row by row into (N, ceil(H*W/8)) uint8, most significant bit first."""
     masks = np.asarray(masks, dtype=bool)
@@ -148,8 +208,8 @@ def format_eps(eps: str | float | int | Fraction) -> str:
     if isinstance(eps, str):
         try:
             frac = Fraction(eps.strip())
-        except (ValueError, ZeroDivisionError):
-            raise AdvpipeError(f"eps {eps!r} is not a fraction like '8/255' or a decimal") from None
+        except (ValueError, ZeroDivisionError) as exc:
+            raise AdvpipeError(f"eps {eps!r} is not a fraction like '8/255' or a decimal") from exc
     elif isinstance(eps, (int, Fraction)):
         frac = Fraction(eps)
     elif isinstance(eps, float) and math.isfinite(eps):

@@ -11,15 +11,18 @@ the object's bytes are read or allocated, except that a remote object is checked
 from __future__ import annotations
 
 import os
+import re
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import zarr
-from zarr.storage import FsspecStore, LocalStore, WrapperStore
+from zarr.storage import FsspecStore, LocalStore
 
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.codecs import DONE_ARRAY, quiet_zarr
+from advpipe.pipeline.codecs import quiet_zarr
+from advpipe.pipeline.guard import GuardStore
 from advpipe.pipeline.manifest import (
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
@@ -34,10 +37,11 @@ from advpipe.pipeline.manifest import (
     sha256_hex,
     size_limit,
 )
-from advpipe.pipeline.remote import error_line, filesystem, is_url, split_pin
+from advpipe.pipeline.remote import error_line, filesystem, is_network_error, is_url, split_pin
 from advpipe.pipeline.zipstore import ZipReader
 from advpipe.utils import atomic_write_bytes
 
+_UNREACHABLE_TEXT = re.compile(r": (no answer within|cannot connect)")
 _BATCH_OBJECTS = 32  # concurrent requests per batch of a remote read
 _BATCH_BYTES = 64 << 20
 
@@ -97,19 +101,50 @@ class Location:
         # Random access by range requests; a CIFAR chunk member is tens of KB, so 1 MiB blocks.
         return fs.open(path, "rb", block_size=1 << 20, cache_type="readahead")
 
-    def check_local_object(self, key: str) -> None:
-        """Refuse an object of a local directory that is a symlink pointing out of the store, or too large."""
+    def check_local_object(self, key: str) -> os.stat_result | None:
+        """Refuse an object of a local directory that is a symlink, not a plain file, or too large (None: absent).
+
+        Checked with ``lstat`` before anything opens it, so a FIFO, a device or a link to
+        ``/dev/zero`` or ``/etc/passwd`` is refused without a read (or a wait).
+        """
         full = os.path.join(self.root, key)
-        real = os.path.realpath(full)
-        if not real.startswith(self._real_root + os.sep):
-            raise AdvpipeError(f"mask store {self.root}: object {key} is a symlink pointing out of the store "
-                               f"(to {real}); refusing to read it")
         try:
-            size = os.stat(full).st_size
-        except OSError:
-            return
-        if size > size_limit(key):
-            raise AdvpipeError(f"mask store {self.root}: object {key} is {size} bytes (limit {size_limit(key)})")
+            info = os.lstat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise AdvpipeError(f"cannot read {self.name(key)}: {exc.strerror or exc}") from exc
+        parent = os.path.realpath(os.path.dirname(full))
+        if parent != self._real_root and not parent.startswith(self._real_root + os.sep):
+            raise AdvpipeError(f"mask store {self.root}: object {key} lies under a symlinked directory "
+                               f"(to {parent}); refusing to read it")
+        if stat.S_ISLNK(info.st_mode):
+            real = os.path.realpath(full)
+            where = ("pointing out of the store" if not real.startswith(self._real_root + os.sep)
+                     else "inside the store")
+            raise AdvpipeError(f"mask store {self.root}: object {key} is a symlink {where} (to {real}); refusing "
+                               f"to read it (a store holds plain files only)")
+        if not stat.S_ISREG(info.st_mode):
+            raise AdvpipeError(f"mask store {self.root}: object {key} is not a plain file (a FIFO, device or "
+                               f"socket); refusing to read it")
+        if info.st_size > size_limit(key):
+            raise AdvpipeError(f"mask store {self.root}: object {key} is {info.st_size} bytes (limit {size_limit(key)})")
+        return info
+
+    def _read_local(self, key: str, limit: int) -> bytes | None:
+        if self.check_local_object(key) is None:
+            return None
+        try:
+            fd = os.open(os.path.join(self.root, key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise AdvpipeError(f"cannot read {self.name(key)}: {exc.strerror or exc}") from exc
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())  # the file opened, not a name swapped in after the check
+            if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+                raise AdvpipeError(f"mask store {self.root}: object {key} is not a plain file of at most {limit} bytes")
+            return fh.read(info.st_size + 1)
 
     def read(self, key: str, limit: int | None = None) -> bytes | None:
         """Return object ``key``'s bytes, or None if it does not exist; refuses unsafe or oversized objects."""
@@ -118,17 +153,9 @@ class Location:
         if self.is_zip:
             return self.zip_reader().member(key)
         if not self.is_url:
-            self.check_local_object(key)
-            try:
-                with open(os.path.join(self.root, key), "rb") as fh:
-                    size = os.fstat(fh.fileno()).st_size
-                    if size > limit:
-                        raise AdvpipeError(f"mask store {self.root}: object {key} is {size} bytes (limit {limit})")
-                    data = fh.read()
-            except (FileNotFoundError, NotADirectoryError):
+            data = self._read_local(key, limit)
+            if data is None:
                 return None
-            except OSError as exc:
-                raise AdvpipeError(f"cannot read {self.name(key)}: {exc.strerror or exc}") from None
         else:
             fs, _ = self.fs()
             try:
@@ -142,7 +169,7 @@ class Location:
                 self.missing = error_line(exc, self.root)
                 return None
             except Exception as exc:  # every fsspec backend raises its own types
-                raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from None
+                raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from exc
         if len(data) > limit:
             raise AdvpipeError(f"mask store {self.root}: object {key} is over {limit} bytes")
         return data
@@ -162,7 +189,7 @@ class Location:
             try:
                 got = fs.cat(list(paths), on_error="return")
             except Exception as exc:  # noqa: BLE001 - one line for any backend's failure
-                raise AdvpipeError(f"cannot read {self.root}: {error_line(exc, self.root)}") from None
+                raise AdvpipeError(f"cannot read {self.root}: {error_line(exc, self.root)}") from exc
             for path, key in paths.items():
                 value = got.get(path, FileNotFoundError(path)) if isinstance(got, dict) else got
                 if isinstance(value, FileNotFoundError):
@@ -179,12 +206,19 @@ class Location:
         if self.is_zip:
             return self.zip_reader().member_size(key) is not None
         if not self.is_url:
-            return os.path.exists(os.path.join(self.root, key))
+            return self.check_local_object(key) is not None
         fs, _ = self.fs()
         try:
-            return bool(fs.exists(self._remote_path(key)))
+            # Not fs.exists: fsspec's HTTP filesystem answers False on a timeout, which would read as "missing".
+            fs.info(self._remote_path(key))
+            return True
+        except FileNotFoundError as exc:
+            cause = exc.__cause__
+            if cause is not None and is_network_error(cause):
+                raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(cause, self.root)}") from exc
+            return False
         except Exception as exc:  # noqa: BLE001
-            raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from None
+            raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from exc
 
     def list_objects(self) -> dict[str, int] | None:
         """Return every object key -> size (None where the protocol cannot list, as plain HTTP)."""
@@ -198,7 +232,7 @@ class Location:
         try:
             found = fs.find(path, detail=True)
         except Exception as exc:  # noqa: BLE001
-            raise AdvpipeError(f"cannot list {self.root}: {error_line(exc, self.root)}") from None
+            raise AdvpipeError(f"cannot list {self.root}: {error_line(exc, self.root)}") from exc
         prefix = path.rstrip("/") + "/"
         out = {}
         for name, info in found.items():
@@ -256,6 +290,8 @@ class Location:
                 except ContentMismatch as exc:
                     problems.append(str(exc))
         except AdvpipeError as exc:
+            if str(exc).startswith("cannot read ") and _UNREACHABLE_TEXT.search(str(exc)):
+                raise  # a store that does not answer is not a store with problems: one line, exit 2
             problems.append(str(exc))
         return problems
 
@@ -266,18 +302,18 @@ class Location:
             raise AdvpipeError("storage_options only apply to URLs")
         try:
             self.load_manifest()
-            self.wrapper = _Guard(self._zarr_base(), self)
+            self.wrapper = GuardStore(self._zarr_base(), self)
             with quiet_zarr():
                 return zarr.open_group(self.wrapper, mode="r", zarr_format=3)
         except AdvpipeError:
             raise
         except ContentMismatch as exc:
-            raise AdvpipeError(f"mask store {self.root}: {exc}") from None
+            raise AdvpipeError(f"mask store {self.root}: {exc}") from exc
         except Exception as exc:  # zarr, fsspec and aiohttp each raise their own types here
             why = error_line(exc, self.root)
             if isinstance(exc, FileNotFoundError) and self.missing:
                 why = self.missing
-            raise AdvpipeError(f"cannot open mask store {self.root}: {why}") from None
+            raise AdvpipeError(f"cannot open mask store {self.root}: {why}") from exc
 
     def _zarr_base(self) -> Any:
         if self.is_zip:
@@ -316,8 +352,9 @@ def _walk(loc: Location) -> dict[str, int]:
         for name in filenames:
             key = os.path.relpath(os.path.join(dirpath, name), loc.root).replace(os.sep, "/")
             check_key(key, f"mask store {loc.root}")
-            loc.check_local_object(key)
-            out[key] = os.stat(os.path.join(dirpath, name)).st_size
+            info = loc.check_local_object(key)
+            if info is not None:
+                out[key] = info.st_size
             if len(out) > MAX_OBJECTS + len(UNLISTED):
                 raise AdvpipeError(f"mask store {loc.root} has over {MAX_OBJECTS} objects")
     return out
@@ -329,49 +366,3 @@ def write_manifest(path: str | os.PathLike[str]) -> Manifest:
     manifest = loc.compute_manifest()
     atomic_write_bytes(Path(loc.root) / MANIFEST_KEY, manifest.raw)
     return manifest
-
-
-class _Guard(WrapperStore):  # type: ignore[type-arg]
-    """Read-only access that refuses unsafe keys and objects, missing chunks of a complete store and,
-    when a digest is pinned, any object whose bytes differ from the manifest.
-
-    Every chunk of a finished store is written (even all-false ones), so a missing object means a
-    damaged or partial copy; plain zarr would silently read it as empty masks. Only a complete
-    store is strict (``strict`` is set by the reader): an in-progress one lacks the chunks not yet written.
-    """
-
-    strict = False
-
-    def __init__(self, store: Any, location: Location) -> None:
-        super().__init__(store)
-        self.location = location
-
-    def _with_store(self, store: Any) -> "_Guard":
-        other = type(self)(store, self.location)
-        other.strict = self.strict
-        return other
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        loc = self.location
-        check_key(key, f"mask store {loc.root}")
-        if not (loc.is_url or loc.is_zip):
-            loc.check_local_object(key)
-        value = await super().get(key, prototype, byte_range)
-        if value is None:
-            if self.strict and "/c/" in key and not key.startswith(DONE_ARRAY + "/"):
-                raise FileNotFoundError(f"chunk object {key} is missing")
-            return None
-        if byte_range is None:
-            data = value.to_bytes()
-            if len(data) > size_limit(key):
-                raise AdvpipeError(f"mask store {loc.root}: object {key} is over {size_limit(key)} bytes")
-            if loc.manifest is not None and loc.manifest.pinned:
-                loc.manifest.check(key, data)
-        return value
-
-    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
-        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
-
-    async def _get_many(self, requests: Iterable[tuple[str, Any, Any]]) -> Any:
-        for key, prototype, byte_range in requests:
-            yield key, await self.get(key, prototype, byte_range)

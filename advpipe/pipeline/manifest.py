@@ -30,6 +30,7 @@ MAX_MANIFEST_BYTES = 64 << 20  # about 500,000 objects
 MAX_OBJECTS = 1_000_000
 MAX_OBJECT_BYTES = (1 << 30) + (1 << 20)  # a decoded chunk is at most 1 GiB; encoded ones are smaller
 MAX_METADATA_BYTES = 16 << 20  # one zarr.json
+MAX_ROOT_METADATA_BYTES = 1 << 20  # the root zarr.json: attributes and consolidated metadata (about 20 KB)
 MAX_KEY_LENGTH = 512
 _HEX = re.compile(r"[0-9a-f]{64}")
 _KEY = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
@@ -47,6 +48,8 @@ def check_key(key: Any, where: str = "store") -> str:
 
 def size_limit(key: str) -> int:
     """The largest object a store may hold under ``key`` (metadata documents are kept small)."""
+    if key == "zarr.json":
+        return MAX_ROOT_METADATA_BYTES  # the attributes: no honest provenance comes near it
     return MAX_METADATA_BYTES if key.endswith("zarr.json") else MAX_OBJECT_BYTES
 
 
@@ -157,7 +160,7 @@ def parse_manifest(raw: bytes, where: str, pinned: str | None = None) -> Manifes
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AdvpipeError(f"{where}: manifest is not JSON ({exc})") from None
+        raise AdvpipeError(f"{where}: manifest is not JSON ({exc})") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT or body.get("hash") != "sha256":
         raise AdvpipeError(f"{where}: manifest format must be {FORMAT!r} with hash 'sha256'")
     entries = body.get("objects")

@@ -19,7 +19,7 @@ import zarr
 
 import advpipe
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.codecs import FORMAT, SAMPLE_HASH_RULE, format_eps
+from advpipe.pipeline.codecs import FORMAT, MASK_HASH_RULE, SAMPLE_HASH_RULE, format_eps
 
 MAX_N = 100_000_000
 MAX_CHANNELS = 64
@@ -176,6 +176,7 @@ def new_attrs(provenance: Any, *, n: int, image_shape: tuple[int, int, int], chu
         "seed": _int(provenance["seed"], "seed", -(2**63), 2**64 - 1),
         "chunk_size": chunk_size,
         "sample_hash": SAMPLE_HASH_RULE,
+        "mask_hash": MASK_HASH_RULE,  # its presence says the store has the mask_hash array
         "versions": versions(),
         "resumed": [],
         "summary": None,

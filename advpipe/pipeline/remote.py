@@ -75,13 +75,15 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise AdvpipeError(f"--storage-option takes KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000), got {item!r}")
+            raise AdvpipeError(f"storage_option takes KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000), got {item!r}",
+                               fields=("storage_option",))
         *parents, leaf = key.strip().split(".")
         node = options
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise AdvpipeError(f"--storage-option {key}: {part!r} is already given a value")
+                raise AdvpipeError(f"storage_option {key}: {part!r} is already given a value",
+                                   fields=("storage_option",))
             node = child
         node[leaf] = _value(text)
     return options
@@ -109,8 +111,8 @@ def policy() -> tuple[float, int]:
     try:
         timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
         retries = int(os.environ.get(RETRIES_ENV) or DEFAULT_RETRIES)
-    except ValueError:
-        raise AdvpipeError(f"${TIMEOUT_ENV} must be seconds and ${RETRIES_ENV} a count") from None
+    except ValueError as exc:
+        raise AdvpipeError(f"${TIMEOUT_ENV} must be seconds and ${RETRIES_ENV} a count") from exc
     if not 0 < timeout <= 3600 or not 0 <= retries <= 10:
         raise AdvpipeError(f"${TIMEOUT_ENV} must lie in (0, 3600] s and ${RETRIES_ENV} in [0, 10]")
     return timeout, retries
@@ -167,9 +169,9 @@ def filesystem(url: str, given: dict[str, Any] | None, *, asynchronous: bool = F
         fs, path = fsspec.core.url_to_fs(url, **({"asynchronous": True} if asynchronous else {}), **options)
     except ImportError as exc:
         extra = " (pip install 'advpipe[s3]')" if protocol_of(url) in ("s3", "s3a") else ""
-        raise AdvpipeError(f"cannot read {url}: {exc}{extra}") from None
+        raise AdvpipeError(f"cannot read {url}: {exc}{extra}") from exc
     except Exception as exc:  # fsspec and its backends raise their own types for bad options
-        raise AdvpipeError(f"cannot use {url}: {error_line(exc, url)}") from None
+        raise AdvpipeError(f"cannot use {url}: {error_line(exc, url)}") from exc
     if protocol_of(url) in ("s3", "s3a"):
         fs.retries = 1  # s3fs nests its retry loops (attempts = retries squared); botocore retries instead
     return fs, path
@@ -180,6 +182,12 @@ _TIMEOUTS = ("TimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "ServerT
 _UNREACHABLE = ("EndpointConnectionError", "ClientConnectorError", "ConnectionRefusedError", "ConnectionError",
                 "ServerDisconnectedError", "ClientOSError")
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403", "ExpiredToken")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a timeout or a lost connection (not damaged bytes): report it as such, never as corruption."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & (set(_TIMEOUTS) | set(_UNREACHABLE))) or isinstance(exc, (TimeoutError, ConnectionError))
 
 
 def error_line(exc: BaseException, url: str = "") -> str:

@@ -64,5 +64,5 @@ def load_store_data(store: MaskStore, *, data: str | None = None, split: str | N
     name = data or ds_info["name"]
     split = split or ds_info["split"]
     if limit is not None and limit < 1:
-        raise AdvpipeError(f"--limit must be a positive number of samples, got {limit}")
+        raise AdvpipeError(f"limit must be a positive number of samples, got {limit}", fields=("limit",))
     return load_dataset(name, split, data_dir=data_dir, limit=limit or store.n, image_size=store.image_shape[1])

@@ -103,7 +103,7 @@ def _object(loc: Location, manifest: Manifest, key: str) -> bytes:
             raise ContentMismatch(f"object {key!r} listed in its manifest is missing")
         manifest.check(key, data)
     except ContentMismatch as exc:
-        raise AdvpipeError(f"{loc.root} changed while it was being copied: {exc}") from None
+        raise AdvpipeError(f"{loc.root} changed while it was being copied: {exc}") from exc
     return data
 
 
@@ -146,11 +146,11 @@ def publish(source: str, url: str, *, storage_options: dict[str, Any] | None = N
         if protocol_of(url) in ("s3", "s3a", "gs", "gcs") and not existing and not fs.exists(bucket):
             raise FileNotFoundError(f"The specified bucket does not exist: {bucket}")
     except Exception as exc:  # noqa: BLE001 - any backend's failure, one line
-        raise AdvpipeError(f"cannot publish to {url}: {error_line(exc, url)}") from None
+        raise AdvpipeError(f"cannot publish to {url}: {error_line(exc, url)}") from exc
     if existing and not overwrite:
         state = ("a published store" if PUBLISHED_KEY in existing else
                  "an unfinished publish or another upload (no completion marker)") if not is_zip else "an object"
-        raise AdvpipeError(f"{url} already holds {state}; pass --overwrite to replace it")
+        raise AdvpipeError(f"{url} already holds {state}; pass overwrite to replace it", fields=("overwrite",))
     loc, manifest = _sound_source(source)
     try:
         if loc.is_zip:
@@ -161,7 +161,7 @@ def publish(source: str, url: str, *, storage_options: dict[str, Any] | None = N
     except AdvpipeError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise AdvpipeError(f"cannot publish to {url}: {error_line(exc, url)}") from None
+        raise AdvpipeError(f"cannot publish to {url}: {error_line(exc, url)}") from exc
     _confirm(url, storage_options, manifest)
     if not loc.is_zip:
         marker = {"format": MARKER_FORMAT, "digest": manifest.digest, "objects": len(manifest.objects),
@@ -170,7 +170,7 @@ def publish(source: str, url: str, *, storage_options: dict[str, Any] | None = N
         try:
             fs.pipe_file(f"{root}/{PUBLISHED_KEY}", json.dumps(marker, indent=1).encode())
         except Exception as exc:  # noqa: BLE001
-            raise AdvpipeError(f"cannot publish to {url}: {error_line(exc, url)}") from None
+            raise AdvpipeError(f"cannot publish to {url}: {error_line(exc, url)}") from exc
     return PublishResult(url, manifest.digest, len(manifest.objects), manifest.total_bytes,
                          time.perf_counter() - started)
 
@@ -274,7 +274,7 @@ def pull(url: str, dest: str | os.PathLike[str] | None = None, *, storage_option
                     raise ContentMismatch(f"object {key!r} listed in its manifest is missing")
                 manifest.check(key, data)
             except ContentMismatch as exc:
-                raise AdvpipeError(f"refusing {loc.root}: {exc}") from None
+                raise AdvpipeError(f"refusing {loc.root}: {exc}") from exc
             path = staging / key
             if not os.path.realpath(path).startswith(real + os.sep):
                 raise AdvpipeError(f"refusing to write {key!r} outside {staging}")
@@ -297,7 +297,7 @@ def pack(source: str, out: str | os.PathLike[str], *, overwrite: bool = False) -
     if out.suffix.lower() != ".zip":
         raise AdvpipeError(f"the single-file store must end in .zip, got {out}")
     if out.exists() and not overwrite:
-        raise AdvpipeError(f"{out} exists; pass --overwrite to replace it")
+        raise AdvpipeError(f"{out} exists; pass overwrite to replace it", fields=("overwrite",))
     loc, manifest = _sound_source(source)
     if loc.is_zip:
         raise AdvpipeError(f"{source} is already a single-file store")

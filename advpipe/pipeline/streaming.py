@@ -45,11 +45,12 @@ def find_store(ds: DatasetSplit, search_dir: Path = MASK_DIR) -> str:
         return matches[0]
     if len(matches) > 1:
         raise AdvpipeError(f"several mask stores under {search_dir}/ match this data ({', '.join(matches)}); "
-                           f"choose one with --masks")
+                           f"choose one with masks", fields=("masks",))
     limit = f" --limit {len(ds)}" if ds.name != "embedded" or len(ds) != 2000 else ""
     raise AdvpipeError(f"no complete mask store for {ds.name}/{ds.split} (fingerprint {ds.fingerprint[:19]}) under "
                        f"{search_dir}/; run `advpipe precompute-masks --data {ds.name} --split {ds.split}{limit} "
-                       f"--model resnet20` first (after training that model), or pass --masks STORE|URL")
+                       f"--model resnet20` first (after training that model), or pass masks STORE|URL",
+                       fields=("masks",))
 
 
 def open_for_training(location: str, ds: DatasetSplit) -> MaskStore:
@@ -60,12 +61,14 @@ def open_for_training(location: str, ds: DatasetSplit) -> MaskStore:
         # Per-sample hashes catch a store whose rows are in another order than this dataset's.
         ours = sample_hash(ds.images.numpy(), layout="NCHW")
         if store.pinned_equal("sample_hash", ours):  # proven by the pinned manifest, nothing fetched
+            store.known_sample_hashes = ours  # the mask-hash checks use them instead of fetching them
             return store
         theirs = store.sample_hashes()
         bad = np.flatnonzero(ours != theirs)
         if len(bad):
             raise AdvpipeError(f"mask store {location}: {len(bad)} samples do not match the data by content hash "
                                f"(first at index {int(bad[0])})")
+        store.known_sample_hashes = theirs
     return store
 
 

@@ -83,8 +83,8 @@ def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
             raise AdvpipeError(f"{flag} expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise AdvpipeError(f"{flag} {item!r}: cannot read the value") from None
+        except yaml.YAMLError as exc:
+            raise AdvpipeError(f"{flag} {item!r}: cannot read the value") from exc
     return out
 
 
@@ -105,39 +105,79 @@ def parse_pair(text: str | None, flag: str, kind: type) -> list | None:
 def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> TrainConfig:
     """Build the config: dataclass defaults, then the file, then CLI flags that were given."""
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
-    if "milestones" in values:
-        values["milestones"] = tuple(float(m) for m in values["milestones"])
+    if isinstance(values.get("milestones"), list):  # YAML lists; the type of each entry is validated
+        values["milestones"] = tuple(values["milestones"])
     try:
         return TrainConfig(**values)
     except TypeError as exc:  # a wrong key is refused by read_config_file; this is a wrong kind of value
         raise AdvpipeError(f"bad training option: {exc}") from exc
 
 
+#: fields set only in a config file (no command-line flag)
+_FILE_ONLY = {"momentum", "nesterov", "milestones", "gamma"}
+
+
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: what each field's annotation requires of a value, and how a refusal names it
+_KINDS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (_is_int, "an integer"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "float": (_is_finite, "a finite number"),
+    "Mapping[str, Any]": (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+                          "a mapping of option names to values"),
+    "tuple[float, ...]": (lambda v: isinstance(v, (tuple, list)) and all(_is_finite(m) for m in v),
+                          "a list of finite numbers"),
+}
+
+
+def _check_kinds(cfg: TrainConfig) -> None:
+    """Refuse a value of the wrong kind for its field (a YAML ``epochs: abc``, ``lr: "0.1"``, ``milestones: 5``)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind, optional = str(f.type).split("|")[0].strip(), str(f.type).endswith("| None")
+        if value is None and optional:
+            continue
+        check, wanted = _KINDS[kind]
+        if not check(value):
+            raise AdvpipeError(f"{f.name} must be {wanted}, got {value!r}"[:300],
+                               fields=() if f.name in _FILE_ONLY else (f.name,))
+
+
 def validate(cfg: TrainConfig) -> None:
     """Refuse values that cannot make a run, with a message naming the option."""
-    for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise AdvpipeError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-    for name in ("epochs", "batch_size", "seed"):
-        if isinstance(getattr(cfg, name), bool) or not isinstance(getattr(cfg, name), int):
-            raise AdvpipeError(f"--{name.replace('_', '-')} must be an integer, got {getattr(cfg, name)!r}")
-    if cfg.val_size is not None and (isinstance(cfg.val_size, bool) or not isinstance(cfg.val_size, int)
-                                     or cfg.val_size < 1):
-        raise AdvpipeError(f"--val-size must be a positive number of samples, got {cfg.val_size!r}")
+    _check_kinds(cfg)
+    for name in ("val_size", "limit", "image_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise AdvpipeError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)!r}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
-        raise AdvpipeError(f"--momentum and --weight-decay must be >= 0, got {cfg.momentum} and {cfg.weight_decay}")
+        raise AdvpipeError(f"momentum and weight_decay must be >= 0, got {cfg.momentum} and {cfg.weight_decay}",
+                           fields=("weight_decay",))
     if cfg.epochs < 1:
-        raise AdvpipeError(f"--epochs must be at least 1, got {cfg.epochs}")
+        raise AdvpipeError(f"epochs must be at least 1, got {cfg.epochs}", fields=("epochs",))
     if cfg.batch_size < 1:
-        raise AdvpipeError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+        raise AdvpipeError(f"batch_size must be at least 1, got {cfg.batch_size}", fields=("batch_size",))
+    if cfg.workers < 0:
+        raise AdvpipeError(f"workers must be 0 or more, got {cfg.workers}", fields=("workers",))
     if cfg.lr <= 0:
-        raise AdvpipeError(f"--lr must be positive, got {cfg.lr}")
+        raise AdvpipeError(f"lr must be positive, got {cfg.lr}", fields=("lr",))
+    if not all(0 <= m <= 1 for m in cfg.milestones):
+        raise AdvpipeError(f"milestones are fractions of training in [0, 1], got {list(cfg.milestones)}")
     if cfg.schedule not in ("cosine", "multistep", "constant"):
-        raise AdvpipeError(f"--schedule must be cosine, multistep or constant, got {cfg.schedule!r}")
+        raise AdvpipeError(f"schedule must be cosine, multistep or constant, got {cfg.schedule!r}",
+                           fields=("schedule",))
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise AdvpipeError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+        raise AdvpipeError(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}", fields=("precision",))
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
-        raise AdvpipeError(f"--warmup-epochs must be in [0, epochs), got {cfg.warmup_epochs}")
+        raise AdvpipeError(f"warmup_epochs must be in [0, epochs), got {cfg.warmup_epochs}", fields=("warmup_epochs",))
     if cfg.resume and cfg.overwrite:
-        raise AdvpipeError("--resume and --overwrite exclude each other")
+        raise AdvpipeError("resume and overwrite exclude each other", fields=("resume", "overwrite"))

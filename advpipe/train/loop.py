@@ -26,14 +26,16 @@ from advpipe.data.split import HoldOut, hold_out
 from advpipe.errors import AdvpipeError
 from advpipe.eval.accuracy import autocast_context, evaluate_accuracy
 from advpipe.models.build import build_model
-from advpipe.models.checkpoint import Checkpoint, load_checkpoint, load_state_into, save_checkpoint
+from advpipe.models.checkpoint import (Checkpoint, load_checkpoint, load_state_into, non_finite_tensors,
+                                       save_checkpoint)
 from advpipe.models.normalize import unwrap
 from advpipe.train.compose import parse_aug
 from advpipe.train.config import TrainConfig
 from advpipe.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from advpipe.train.methods import Method, MethodContext, build_method
+from advpipe.train.rundir import RunFolder, check_run_dir, disk_errors, open_run_folder, trim_metrics
 from advpipe.train.schedule import build_scheduler
-from advpipe.utils import check_writable_dir, resolve_device
+from advpipe.utils import atomic_write_text, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
     holdout = hold_out(len(train_ds), cfg.val_size, cfg.seed, train_ds.fingerprint) if cfg.val_size else None
     n_train = len(train_ds) if holdout is None else len(holdout.train)
     if cfg.batch_size * info.world_size > n_train:
-        raise AdvpipeError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is larger than the training "
-                           f"set ({n_train} samples)")
+        raise AdvpipeError(f"batch_size {cfg.batch_size} x {info.world_size} process(es) is larger than the training "
+                           f"set ({n_train} samples)", fields=("batch_size",))
 
     size = train_ds.image_shape[1:]
     augment = _build(build_augment, aug_name, AugmentContext(cfg.data, size, train_ds.num_classes, train_ds.mean,
@@ -89,7 +91,20 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
     side = side_sources(augment.needs_side, cfg, train_ds, device)
     side.update(getattr(augment, "own_side", {}))  # side data the augmentation derives itself (CP's corners)
 
-    run_dir = _prepare_run_dir(cfg, info)
+    check_run_dir(cfg.run_dir(), resume=cfg.resume, overwrite=cfg.overwrite)
+    barrier(info)  # every rank has checked the folder before rank 0 changes it
+    folder = open_run_folder(cfg.run_dir(), overwrite=cfg.overwrite) if info.is_main else RunFolder(cfg.run_dir())
+    try:
+        return _run(cfg, device, info, folder, train_ds, test_ds, holdout, augment, method, method_name, model, side)
+    except BaseException:
+        folder.abandon()  # an --overwrite that never saved a checkpoint leaves the old run as it was
+        raise
+
+
+def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFolder, train_ds: DatasetSplit,
+         test_ds: DatasetSplit, holdout: HoldOut | None, augment, method: Method, method_name: str, model, side: dict
+         ) -> TrainResult:
+    """Train the epochs that are left, writing each epoch's metrics and checkpoints into ``folder``."""
     # --batch-size is per process: with N processes each step sees N x batch-size samples
     loader = DeviceLoader(train_ds, batch_size=cfg.batch_size, device=device, train=True, seed=cfg.seed,
                           side=side, workers=cfg.workers, rank=info.rank, world_size=info.world_size,
@@ -109,12 +124,16 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
 
     start_epoch, best = 0, -1.0
     if cfg.resume:
-        start_epoch, best = _restore(run_dir / "last.pt", cfg, train_ds, method_name, model, optimizer, scheduler, scaler)
+        start_epoch, best = _restore(folder.path / "last.pt", cfg, train_ds, method_name, model, optimizer, scheduler,
+                                     scaler)
+        if info.is_main:
+            _recreate_best(folder.path, "test_acc" if holdout is None else "val_acc", best)
     if info.enabled:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if info.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
+        with disk_errors(f"writing {folder.path / 'config.yaml'}"):
+            atomic_write_text(folder.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trim_metrics(folder.path / "metrics.jsonl", start_epoch)
 
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -134,7 +153,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
                     out = method.step(model, batch, gen)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
-                    raise AdvpipeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}; try a lower --lr")
+                    raise AdvpipeError(f"training diverged at epoch {epoch + 1}: loss is {loss.item()}; try a lower lr",
+                                       fields=("lr",))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -173,24 +193,31 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
         score = test["top1"] if val is None else val["top1"]
         is_best = score > best
         best = max(best, score)
+        bad = non_finite_tensors(unwrap(model).state_dict())  # every rank holds the same weights
+        if bad:
+            raise AdvpipeError(f"training diverged at epoch {epoch + 1}: {len(bad)} weight tensors are not finite "
+                               f"(first {bad[0]!r}); nothing of this epoch is saved; try a lower lr", fields=("lr",))
         if not info.is_main:
             barrier(info)  # rank 0 writes the checkpoint; the others wait so a crash never splits the run
             continue
-        with open(run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(last) + "\n")
         ckpt = _checkpoint(cfg, train_ds, model, method, method_name, epoch + 1, {**last, **_selection(best, holdout),
                                                                           "test_per_class": test["per_class"]})
-        ckpt.state = {"model": _cpu_state(unwrap(model)), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "best": best}
-        if device.type == "cuda":
-            ckpt.state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(run_dir / "last.pt", ckpt)
-        if is_best:
-            ckpt.state = {}
-            save_checkpoint(run_dir / "best.pt", ckpt)
+        with disk_errors(f"saving epoch {epoch + 1} to {folder.final}"):
+            with open(folder.path / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(last) + "\n")
+            # best.pt before last.pt: if either save fails, --resume redoes this epoch and writes both
+            if is_best:
+                save_checkpoint(folder.path / "best.pt", ckpt)
+            ckpt.state = {"model": _cpu_state(unwrap(model)), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                          "rng_cpu": torch.get_rng_state(), "best": best}
+            if device.type == "cuda":
+                ckpt.state["rng_cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(folder.path / "last.pt", ckpt)
+        folder.commit()  # an --overwrite replaces the old run now that the new one has a checkpoint
         log.info("epoch %d: %s", epoch + 1, last)
         barrier(info)
-    return TrainResult(run_dir, last, best, unwrap(model))
+    return TrainResult(folder.path, last, best, unwrap(model))
 
 
 def _selection(best: float, holdout: HoldOut | None) -> dict[str, Any]:
@@ -205,7 +232,7 @@ def _build(factory, name: str, ctx, options, field_name: str):
     try:
         return factory(name, ctx, **dict(options))
     except TypeError as exc:
-        raise AdvpipeError(f"bad {field_name} for {name!r}: {exc}") from None
+        raise AdvpipeError(f"bad {field_name} for {name!r}: {exc}") from exc
 
 
 def side_sources(names: tuple[str, ...], cfg: TrainConfig, ds: DatasetSplit, device: torch.device) -> dict:
@@ -221,23 +248,6 @@ def side_sources(names: tuple[str, ...], cfg: TrainConfig, ds: DatasetSplit, dev
     return sources
 
 
-def _prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
-    run_dir = cfg.run_dir()
-    last = run_dir / "last.pt"
-    if cfg.resume and not last.is_file():
-        raise AdvpipeError(f"--resume: no checkpoint {last} to continue from")
-    if not cfg.resume and not cfg.overwrite and last.is_file():
-        raise AdvpipeError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
-    barrier(info)  # every rank has checked the folder before rank 0 changes it
-    if not info.is_main:
-        return run_dir
-    check_writable_dir(run_dir, "--out folder")
-    if cfg.overwrite:
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
-    return run_dir
-
-
 def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
@@ -251,19 +261,34 @@ def _checkpoint(cfg: TrainConfig, ds: DatasetSplit, model: torch.nn.Module, meth
                       metrics=metrics, config=cfg.to_dict(), method=method_name)
 
 
+def _recreate_best(run_dir: Path, score_key: str, best: float) -> None:
+    """Write a missing best.pt from last.pt when last.pt is the best epoch (a save cut short by a full disk)."""
+    if (run_dir / "best.pt").exists():
+        return
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    if ckpt.metrics.get(score_key) != best:
+        log.warning("%s has no best.pt and its best epoch is not last.pt; the next best epoch writes it", run_dir)
+        return
+    ckpt.state = {}
+    with disk_errors(f"writing {run_dir / 'best.pt'}"):
+        save_checkpoint(run_dir / "best.pt", ckpt)
+
+
 def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, method_name: str, model, optimizer, scheduler,
              scaler) -> tuple[int, float]:
     """Load last.pt into the model and optimizer after checking it belongs to this run."""
     ckpt = load_checkpoint(path)
     if ckpt.arch != cfg.model:
-        raise AdvpipeError(f"--resume: {path} holds a {ckpt.arch} model, but --model is {cfg.model}")
+        raise AdvpipeError(f"resume: {path} is a {ckpt.arch} checkpoint, but model is {cfg.model}",
+                           fields=("resume", "model"))
     if ckpt.dataset != cfg.data or ckpt.fingerprint != ds.fingerprint:
-        raise AdvpipeError(f"--resume: {path} was trained on {ckpt.dataset} ({ckpt.fingerprint[:19]}), "
-                           f"not on this {cfg.data} data ({ds.fingerprint[:19]})")
+        raise AdvpipeError(f"resume: {path} was trained on {ckpt.dataset} ({ckpt.fingerprint[:19]}), "
+                           f"not on this {cfg.data} data ({ds.fingerprint[:19]})", fields=("resume",))
     if ckpt.epoch >= cfg.epochs:
-        raise AdvpipeError(f"--resume: {path} already finished {ckpt.epoch} of {cfg.epochs} epochs")
+        raise AdvpipeError(f"resume: {path} already finished {ckpt.epoch} of {cfg.epochs} epochs", fields=("resume",))
     if ckpt.method != method_name:
-        raise AdvpipeError(f"--resume: {path} was trained with method {ckpt.method}, not {method_name}")
+        raise AdvpipeError(f"resume: {path} was trained with method {ckpt.method}, not {method_name}",
+                           fields=("resume",))
     # state["model"] is the full training-time state (e.g. both BNs of AdvProp); model_state is the export
     load_state_into(unwrap(model), ckpt.state.get("model", ckpt.model_state), source=str(path))
     try:
@@ -274,13 +299,5 @@ def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, method_name: str, m
         if "rng_cuda" in ckpt.state and torch.cuda.is_available():
             torch.cuda.set_rng_state(ckpt.state["rng_cuda"])
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise AdvpipeError(f"--resume: {path} has no usable optimizer state ({exc})") from None
+        raise AdvpipeError(f"resume: {path} has no usable optimizer state ({exc})", fields=("resume",)) from exc
     return ckpt.epoch, float(ckpt.state.get("best", -1.0))
-
-
-def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines beyond the checkpoint we resume from (they belong to lost work)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= epochs_done]
-    path.write_text("".join(ln + "\n" for ln in keep))

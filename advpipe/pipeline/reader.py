@@ -1,0 +1,224 @@
+"""Reading a mask store: :func:`open_store` validates it, and every mask read is checked against its rows.
+
+Every reader (training, ``masks info|report|show``, ``verify``) opens through :class:`MaskStore`,
+so one validation path covers them all: the attributes, the array layout, codecs and key encoding
+(:func:`advpipe.pipeline.layout.open_arrays`), and the guarded object reads of
+:class:`advpipe.pipeline.location.Location` (sizes, symlinks, special files, declared zstd sizes,
+missing chunks). Masks are returned only after they agree with their ``l0_pixels`` rows and their
+recorded ``mask_hash`` (:mod:`advpipe.pipeline.rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+
+from advpipe.errors import AdvpipeError
+from advpipe.pipeline.codecs import ATTRS_KEY, DONE_ARRAY, METRICS, encoded_chunks, pack_masks
+from advpipe.pipeline.layout import Chunked, has_mask_hash, open_arrays
+from advpipe.pipeline.location import Location
+from advpipe.pipeline.manifest import ContentMismatch, Manifest, sha256_hex
+from advpipe.pipeline.provenance import parse_attrs
+from advpipe.pipeline.remote import error_line, is_network_error
+from advpipe.pipeline.rows import LEGACY_EXCESS_SHARE, bad_rows, describe, excess_share
+from advpipe.progress import track
+
+__all__ = ["MaskStore", "check_compatible", "open_store"]
+
+log = logging.getLogger(__name__)
+
+_READ_BYTES = 256 << 20  # decoded bool masks fetched per read call in read_all_packed
+REMOTE_CONCURRENCY = 32  # chunk requests in flight per read of a remote store (benchmarks/bench_sharing.py)
+_ROWS_CACHE_BYTES = 64 << 20  # l0_pixels, sample_hash and mask_hash are kept whole up to this size
+_LEGACY_MIN_ROWS = 20  # the all-True heuristic of stores without mask hashes needs this many rows with l0_pixels > 0
+
+
+class MaskStore(Chunked):
+    """A read-only mask store (local or remote) whose attributes and array layout have been validated."""
+
+    def __init__(self, path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+                 digest: str | None = None) -> None:
+        """Open and validate the store (prefer :func:`open_store`)."""
+        self._state = (path_or_url, storage_options, digest)
+        self.location = Location(path_or_url, storage_options, digest)
+        group = self.location.open_group()
+        self.manifest: Manifest | None = self.location.manifest
+        self.provenance: dict[str, Any] = parse_attrs(group.attrs.get(ATTRS_KEY))
+        self.location.wrapper.strict = self.provenance["status"] == "complete"
+        self._arrays = open_arrays(group, self.provenance, self.location.root)
+        self.location.wrapper.chunk_shapes = {name: arr.chunks for name, arr in self._arrays.items()}
+        self._init_layout(self.provenance)
+        self.has_mask_hash = has_mask_hash(self.provenance)
+        if not self.has_mask_hash:
+            log.warning("mask store %s predates per-sample mask hashes: its masks are checked against l0_pixels "
+                        "only; recompute it to tie every mask to its image", self.location.root)
+        self._rows: dict[str, np.ndarray] = {}
+        #: the training data's own sample hashes, once a pinned manifest proved the store holds them
+        self.known_sample_hashes: np.ndarray | None = None
+
+    def __getstate__(self) -> tuple[Any, Any, Any]:
+        return self._state
+
+    def __setstate__(self, state: tuple[Any, Any, Any]) -> None:
+        self.__init__(state[0], storage_options=state[1], digest=state[2])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"MaskStore({self.location.root!r}, n={self.n}, image_shape={self.image_shape}, status={self.provenance['status']!r})"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the writer finalized the store (all chunks done, summary written)."""
+        return self.provenance["status"] == "complete"
+
+    @property
+    def digest(self) -> str | None:
+        """The content digest ``sha256:<hex>`` of the store's manifest (None if it has none)."""
+        return self.manifest.digest if self.manifest is not None else None
+
+    def array(self, name: str) -> zarr.Array:
+        """The validated zarr array ``name`` (read-only, through the guarded store)."""
+        return self._arrays[name]
+
+    def _read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        try:
+            if not self.location.is_url:
+                return self._arrays[name][start:stop]
+            # Remote reads wait on round trips, not on the CPU: more in flight than zarr's default 10.
+            with zarr.config.set({"async.concurrency": REMOTE_CONCURRENCY}):
+                return self._arrays[name][start:stop]
+        except AdvpipeError:
+            raise
+        except ContentMismatch as exc:
+            raise AdvpipeError(f"mask store {self.location.root}: {exc}") from exc
+        except Exception as exc:  # crc32c, zstd and packbits each fail differently on damaged bytes
+            if is_network_error(exc):
+                raise AdvpipeError(f"cannot read {self.location.root}: {error_line(exc, self.location.root)}") from exc
+            raise AdvpipeError(
+                f"mask store {self.location.root}: array {name!r} rows [{start or 0}, {stop or self.n}) are unreadable "
+                f"({type(exc).__name__}: {damage_text(exc)}); run `advpipe masks verify` on it to find the damaged chunk files"
+            ) from exc
+
+    def chunk_done(self) -> np.ndarray:
+        """Return the (n_chunks,) bool done flags."""
+        done = np.ones(self.n_chunks, dtype=bool)
+        # A pinned manifest that lists every flag object as "done" proves it: no n_chunks tiny requests.
+        return done if self.pinned_equal(DONE_ARRAY, done) else self._read(DONE_ARRAY)
+
+    def pinned_equal(self, name: str, values: np.ndarray) -> bool:
+        """Whether array ``name`` provably holds ``values``: they encode to the objects the pinned manifest lists.
+
+        False when unpinned or when anything differs (then read the array to compare); never fetches.
+        """
+        arr = self._arrays.get(name)
+        values = np.asarray(values)
+        if self.manifest is None or not self.manifest.pinned or arr is None or values.shape != arr.shape:
+            return False
+        objects = encoded_chunks(name, values, arr.chunks)
+        listed = self.manifest.objects
+        return len(objects) == math.prod(arr.cdata_shape) and all(
+            listed.get(f"{name}/{key}", (0, ""))[1] == sha256_hex(data) for key, data in objects.items())
+
+    def _row_values(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name == "sample_hash" and self.known_sample_hashes is not None:
+            return self.known_sample_hashes[start:stop]
+        if self.n * 20 <= _ROWS_CACHE_BYTES:
+            if name not in self._rows:
+                self._rows[name] = self._read(name)
+            return self._rows[name][start:stop]
+        return self._read(name, start, stop)
+
+    def check_rows(self, masks: np.ndarray, start: int) -> np.ndarray:
+        """Return ``masks`` (rows ``start...``) if each agrees with its ``l0_pixels`` row and ``mask_hash``; else AdvpipeError."""
+        stop = start + len(masks)
+        l0p = self._row_values("l0_pixels", start, stop)
+        hashes = self._row_values("sample_hash", start, stop) if self.has_mask_hash else None
+        recorded = self._row_values("mask_hash", start, stop) if self.has_mask_hash else None
+        keep = slice(None)
+        if not self.complete:  # rows of chunks not yet written hold the fill values
+            keep = np.flatnonzero(l0p >= 0)
+        bad, why = bad_rows(masks[keep], l0p[keep], hashes[keep] if hashes is not None else None,
+                            recorded[keep] if recorded is not None else None)
+        if bad.size:
+            rows = np.arange(start, stop)[keep][bad]
+            raise AdvpipeError(f"mask store {self.location.root}: {describe(rows, stop - start, why)} in rows "
+                               f"[{start}, {stop}); refusing it (the masks were moved, rewritten or linked in)")
+        if recorded is None:
+            excess, counted = excess_share(masks[keep], l0p[keep])
+            if counted >= _LEGACY_MIN_ROWS and excess > LEGACY_EXCESS_SHARE * counted:
+                raise AdvpipeError(f"mask store {self.location.root}: in rows [{start}, {stop}) {excess} of {counted} "
+                                   f"masks have more pixels than l0_pixels (honest stores: about 1%); refusing it")
+        return masks
+
+    def read_masks(self, start: int, stop: int) -> np.ndarray:
+        """Return masks ``[start, stop)`` as (stop-start, H, W) bool, each checked against its rows."""
+        if not 0 <= start <= stop <= self.n:
+            raise AdvpipeError(f"mask range [{start}, {stop}) is outside [0, {self.n})")
+        return self.check_rows(self._read("masks", start, stop), start)
+
+    def read_all_packed(self) -> np.ndarray:
+        """Return every mask bit-packed row by row: (N, ceil(H*W/8)) uint8 for :func:`unpack_masks`."""
+        _, h, w = self.image_shape
+        out = np.empty((self.n, math.ceil(h * w / 8)), dtype=np.uint8)
+        # Read several chunks per call so remote stores fetch them concurrently, within a memory cap.
+        step = max(1, _READ_BYTES // (h * w * self.chunk_size)) * self.chunk_size
+        for start in track(range(0, self.n, step), "reading masks"):
+            stop = min(start + step, self.n)
+            out[start:stop] = pack_masks(self.read_masks(start, stop))
+        return out
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Return the per-image metric arrays: success, clean_correct, l0, l0_pixels, l2, linf, loss."""
+        return {name: self._read(name) for name in METRICS}
+
+    def labels(self) -> np.ndarray:
+        """Return the (N,) int64 labels the attack used."""
+        return self._read("labels")
+
+    def sample_hashes(self) -> np.ndarray:
+        """Return the (N,) uint64 per-sample content hashes (see :func:`sample_hash`)."""
+        return self._read("sample_hash")
+
+
+def damage_text(exc: BaseException) -> str:
+    """The message of a decoding error, without the stored bytes some codecs quote (they may be any file's)."""
+    text = " ".join(str(exc).split())
+    if "checksum" in text.lower():
+        return "Stored and computed checksum do not match"
+    return text[:200]
+
+
+def open_store(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+               digest: str | None = None) -> MaskStore:
+    """Open a mask store read-only from a local path, a zip file or an fsspec URL (http(s)://, s3://, ...).
+
+    ``digest`` (or a ``LOCATION#sha256=HEX`` location) pins the content: the store's manifest must
+    hash to it and every object read must be the one the manifest lists, else AdvpipeError.
+    """
+    return MaskStore(path_or_url, storage_options=storage_options, digest=digest)
+
+
+def check_compatible(
+    store: MaskStore, *, fingerprint: str, split: str, n: int, image_shape: tuple[int, int, int]
+) -> None:
+    """Raise AdvpipeError, naming both sides, unless ``store`` is complete and made for exactly this data."""
+    done = store.chunk_done()
+    if not store.complete or not done.all():
+        raise AdvpipeError(
+            f"mask store {store.location.root} is incomplete (status {store.provenance['status']!r}, "
+            f"{int(done.sum())} of {store.n_chunks} chunks done); finish its precompute run first"
+        )
+    ds = store.provenance["dataset"]
+    pairs = [
+        ("fingerprint", ds["fingerprint"], fingerprint),
+        ("split", ds["split"], split),
+        ("n", store.n, n),
+        ("image_shape", tuple(store.image_shape), tuple(image_shape)),
+    ]
+    diff = [f"{key}: store {mine!r} vs data {theirs!r}" for key, mine, theirs in pairs if mine != theirs]
+    if diff:
+        raise AdvpipeError(f"mask store {store.location.root} does not match the data: {'; '.join(diff)}")
