@@ -22,10 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from helpers.checkpoints import fit_checkpoint
+from helpers.checkpoints import in_default_run_folder
 from helpers.stores import PER_SAMPLE, assert_same_store, store_arrays  # noqa: F401 (re-exported)
 from advpipe.cli import app
 from advpipe.pipeline.store import open_store
@@ -48,19 +47,11 @@ runner = CliRunner()
 def faults_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A folder with runs/embedded/resnet20/none/best.pt, an uninterrupted reference store and its seconds per chunk."""
     root = tmp_path_factory.mktemp("faults")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        torch.set_num_threads(1)
-        try:
-            ckpt = root / "runs" / "embedded" / "resnet20" / "none" / "best.pt"
-            fit_checkpoint(ckpt, N)
-            ref = root / "reference.zarr"
-            result = runner.invoke(app, ["precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "0",
-                                         "--out", str(ref)])
-            assert result.exit_code == 0, result.output
-        finally:
-            torch.set_num_threads(threads)
+    with in_default_run_folder(root, N) as ckpt:
+        ref = root / "reference.zarr"
+        result = runner.invoke(app, ["precompute-masks", "--model", "resnet20", *ATTACK, "--workers", "0",
+                                     "--out", str(ref)])
+        assert result.exit_code == 0, result.output
     # How long one chunk takes on this machine right now, from the write times of the done flags:
     # kill delays are drawn relative to it, so they land inside a chunk on a quiet or a busy machine.
     written = sorted(p.stat().st_mtime for p in (ref / "chunk_done" / "c").iterdir())

@@ -1,6 +1,9 @@
 """A fast ResNet-20 checkpoint for precompute tests (BN statistics from one pass, only the head fitted)."""
 
+import contextlib
+import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -39,3 +42,18 @@ def fit_checkpoint(path: Path, n: int) -> None:
     save_checkpoint(path, Checkpoint(arch="resnet20", num_classes=10, dataset="embedded", fingerprint=ds.fingerprint,
                                      mean=ds.mean, std=ds.std, image_size=32, model_state=state,
                                      metrics={"test_acc": 0.5}))
+
+
+@contextlib.contextmanager
+def in_default_run_folder(root: Path, n: int) -> Iterator[Path]:
+    """Work in ``root`` on one CPU thread, with a fitted checkpoint where precompute looks for --model resnet20."""
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    os.chdir(root)
+    torch.set_num_threads(1)  # the attack's floats, and so the stores, depend on the thread count
+    try:
+        ckpt = root / "runs" / "embedded" / "resnet20" / "none" / "best.pt"
+        fit_checkpoint(ckpt, n)
+        yield ckpt
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(cwd)

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from helpers.checkpoints import fit_checkpoint
+from helpers.checkpoints import in_default_run_folder
 from helpers.hostile import cli, refused, succeeded
 from advpipe.cli import app
 from advpipe.pipeline.location import write_manifest
@@ -41,17 +40,10 @@ runner = CliRunner()
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A folder with the fitted checkpoint at precompute's default place, an honest store and one made with seed 1."""
     root = tmp_path_factory.mktemp("recompute")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        torch.set_num_threads(1)
-        try:
-            fit_checkpoint(root / "runs" / "embedded" / "resnet20" / "none" / "best.pt", N)
-            for name, seed in (("honest", "0"), ("other-seed", "1")):
-                result = runner.invoke(app, ["precompute-masks", *ATTACK, "--seed", seed, "--out", f"{name}.zarr"])
-                assert result.exit_code == 0, result.output
-        finally:
-            torch.set_num_threads(threads)
+    with in_default_run_folder(root, N):
+        for name, seed in (("honest", "0"), ("other-seed", "1")):
+            result = runner.invoke(app, ["precompute-masks", *ATTACK, "--seed", seed, "--out", f"{name}.zarr"])
+            assert result.exit_code == 0, result.output
     return {"root": root, "honest": root / "honest.zarr", "other": root / "other-seed.zarr"}
 
 
