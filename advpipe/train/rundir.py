@@ -91,10 +91,30 @@ def open_run_folder(run_dir: Path, *, overwrite: bool) -> RunFolder:
     if not overwrite or not any((run_dir / name).exists() for name in RUN_FILES):
         return RunFolder(run_dir)
     real = Path(os.path.realpath(run_dir))
+    _remove_stale(real.parent, f".{real.name[:200]}.new-")
+    _remove_stale(real, ".new-")
     try:
         return RunFolder(run_dir, _fresh_dir(real.parent / f".{real.name[:200]}.new-{os.getpid()}"))
     except AdvpipeError:  # a read-only parent: stage inside the run folder
         return RunFolder(run_dir, _fresh_dir(real / f".new-{os.getpid()}"))
+
+
+def _remove_stale(folder: Path, prefix: str) -> None:
+    """Remove staging folders ``<prefix><pid>`` in ``folder`` whose process is gone (a killed --overwrite)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix):]
+        if not (entry.name.startswith(prefix) and pid.isdigit()) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (PermissionError, OverflowError):  # alive under another user, or not a pid
+            pass
 
 
 def _fresh_dir(path: Path) -> Path:

@@ -10,6 +10,7 @@ in this process (no interpreter start-up; peak memory is this process's own).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -182,6 +183,27 @@ def test_kill_9_during_an_overwrite_leaves_the_old_or_the_new_run(old_run, tmp_p
             (p / "notes.txt").exists() for p in tmp_path.iterdir() if p.name.startswith(".run."))
     if moment == "replaced":
         assert load_checkpoint(run / "last.pt").config["seed"] == 5
+
+
+def test_a_killed_overwrites_staging_folder_is_cleared_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    from advpipe.train import rundir
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "last.pt").write_text("old")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    stale, live = tmp_path / f".run.new-{dead.pid}", tmp_path / f".run.new-{os.getppid()}"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "best.pt").write_text("half")
+    folder = rundir.open_run_folder(old, overwrite=True)
+    assert not stale.exists(), "a dead run's staging folder is removed"
+    assert live.exists(), "a running process's staging folder is left alone"
+    assert folder.staging is not None and folder.path.name == f".run.new-{os.getpid()}"
 
 
 def test_the_folder_swap_without_renameat2_still_replaces_the_run(tmp_path, monkeypatch):
