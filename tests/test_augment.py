@@ -480,3 +480,14 @@ def test_aapm_occludes_exactly_the_attack_points():
     batch = make_batch(6)
     params = aug.sample(batch, gen(0))
     assert params["selected"].all() and torch.equal(params["keep"], ~batch.side["attack_mask"])
+
+
+def test_box_extent_is_the_one_rasterizer_of_end_exclusive_boxes():
+    from advpipe.augment.base import box_extent
+
+    boxes = torch.tensor([[1, 2, 3, 5], [0, 0, 0, 4]])  # (row0, col0, row1, col1); the second is empty
+    in_r, in_c = box_extent(boxes, 4, 6)
+    covered = in_r[:, :, None] & in_c[:, None, :]
+    expected = torch.zeros(2, 4, 6, dtype=torch.bool)
+    expected[0, 1:3, 2:5] = True
+    assert torch.equal(covered, expected)

@@ -68,6 +68,18 @@ class Identity(InputAugment):
         return images
 
 
+def box_extent(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (..., H) and columns (..., W) inside (..., 4) end-exclusive (row0, col0, row1, col1) boxes, as bool.
+
+    The one box rasterizer: a box covers pixel (i, j) where ``rows[..., i] & cols[..., j]``.
+    """
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_r = (rows >= boxes[..., 0, None]) & (rows < boxes[..., 2, None])
+    in_c = (cols >= boxes[..., 1, None]) & (cols < boxes[..., 3, None])
+    return in_r, in_c
+
+
 def occlude(images: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
     """Return ``images`` with pixels where ``keep`` is 0 set to ``mean`` (zero after normalization).
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, occlude
+from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, box_extent, occlude
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.rng import generator_for
@@ -44,10 +44,7 @@ def scaled(value: float, scale: float, minimum: int = 1) -> int:
 
 def boxes_keep(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Return the (B,H,W) keep mask that is False inside each image's (row0, col0, row1, col1) box."""
-    rows = torch.arange(height, device=boxes.device)
-    cols = torch.arange(width, device=boxes.device)
-    in_r = (rows >= boxes[:, 0, None]) & (rows < boxes[:, 2, None])
-    in_c = (cols >= boxes[:, 1, None]) & (cols < boxes[:, 3, None])
+    in_r, in_c = box_extent(boxes, height, width)
     return ~(in_r[:, :, None] & in_c[:, None, :])
 
 

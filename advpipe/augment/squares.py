@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from advpipe.augment import greedy_cpu
-from advpipe.augment.base import occlude
+from advpipe.augment.base import box_extent, occlude
 from advpipe.augment.greedy_torch import greedy_rounds
 from advpipe.augment.occlusion import gridmask_defaults, gridmask_keep, resolve_generator, sample_gridmask
 from advpipe.errors import AdvpipeError
@@ -69,11 +69,8 @@ def square_boxes(squares: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 def squares_to_keep(squares: torch.Tensor, valid: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Return the (B,H,W) keep mask that is False on the union of the valid (B,A,3) squares."""
-    boxes = square_boxes(squares, height, width)
-    rows = torch.arange(height, device=squares.device)
-    cols = torch.arange(width, device=squares.device)
-    in_r = (rows >= boxes[..., 0, None]) & (rows < boxes[..., 2, None]) & valid[..., None]  # (B,A,H)
-    in_c = (cols >= boxes[..., 1, None]) & (cols < boxes[..., 3, None])  # (B,A,W)
+    in_r, in_c = box_extent(square_boxes(squares, height, width), height, width)  # (B,A,H), (B,A,W)
+    in_r = in_r & valid[..., None]
     covered = torch.einsum("bah,baw->bhw", in_r.float(), in_c.float()) > 0
     return ~covered
 

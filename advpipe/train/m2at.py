@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from advpipe.attacks.registry import ATTACKS
+from advpipe.augment.base import box_extent
 from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.models.dual_bn import preserve_bn_stats
@@ -75,12 +76,9 @@ def sample_boxes(n: int, height: int, width: int, *, generator: torch.Generator,
 
 def box_masks(boxes: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
     """Eq. (11): (n,H,W) float masks, 1 where ``y1 <= i < y2`` and ``x1 <= j < x2``."""
-    dev = boxes["x1"].device
-    rows = torch.arange(height, device=dev).view(1, -1, 1)
-    cols = torch.arange(width, device=dev).view(1, 1, -1)
-    inside_r = (rows >= boxes["y1"].view(-1, 1, 1)) & (rows < boxes["y2"].view(-1, 1, 1))
-    inside_c = (cols >= boxes["x1"].view(-1, 1, 1)) & (cols < boxes["x2"].view(-1, 1, 1))
-    return (inside_r & inside_c).float()
+    corners = torch.stack([boxes["y1"], boxes["x1"], boxes["y2"], boxes["x2"]], -1)
+    in_r, in_c = box_extent(corners, height, width)
+    return (in_r[:, :, None] & in_c[:, None, :]).float()
 
 
 #: how Eqs. (12)-(13) are read: which share of the image gets the true class (see the module docstring)
