@@ -137,15 +137,19 @@ def resolve_precision(cfg: PrecomputeConfig, path: Path) -> str | None:
 
 
 def check_run_options(batch_size: int, chunk_size: int, workers: int | None, scheduler: str | None,
-                      seed: int) -> None:
-    """Refuse bad batch/chunk sizes, worker counts and seeds (shared by the CLI's and the objects' precompute)."""
+                      seed: int, *, in_process_with_scheduler: bool = True) -> None:
+    """Refuse bad batch/chunk sizes, worker counts and seeds (shared by the CLI's and the objects' precompute).
+
+    ``in_process_with_scheduler=False`` also refuses ``workers=0`` beside a scheduler (the command
+    line, where any ``--workers`` with ``--scheduler`` is a contradiction).
+    """
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AdvpipeError(f"{name} must be a positive integer, got {value!r}", fields=(name,))
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise AdvpipeError(f"workers must be 0 (in this process), a positive number or None, got {workers!r}",
                            fields=("workers",))
-    if scheduler is not None and workers not in (None, 0):
+    if scheduler is not None and workers is not None and (workers != 0 or not in_process_with_scheduler):
         raise AdvpipeError("workers and scheduler exclude each other (an existing dask cluster brings its own)",
                            fields=("workers", "scheduler"))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -156,10 +160,8 @@ def check_config(cfg: PrecomputeConfig) -> None:
     """Refuse a config whose values are out of range (one error naming the field)."""
     if not isinstance(cfg.eps, Fraction) or not 0 < cfg.eps <= 1:
         raise AdvpipeError(f"eps must be a fraction in (0, 1], got {cfg.eps!r}", fields=("eps",))
-    if cfg.scheduler is not None and cfg.workers is not None:
-        raise AdvpipeError("workers and scheduler exclude each other (an existing dask cluster brings its own)",
-                           fields=("workers", "scheduler"))
-    check_run_options(cfg.batch_size, cfg.chunk_size, cfg.workers, cfg.scheduler, cfg.seed)
+    check_run_options(cfg.batch_size, cfg.chunk_size, cfg.workers, cfg.scheduler, cfg.seed,
+                      in_process_with_scheduler=False)
     if cfg.steps is not None and cfg.steps < 1:
         raise AdvpipeError(f"steps must be at least 1, got {cfg.steps}", fields=("steps",))
     if cfg.limit is not None and cfg.limit < 1:
