@@ -152,11 +152,20 @@ def test_a_successful_overwrite_replaces_the_run_and_keeps_other_files(old_run, 
 
 
 def _wait_for(proc: AdvpipeProcess, condition, deadline_s: float = 120) -> None:
+    """Poll until ``condition`` holds; a run that ends first must have reached it on its way out."""
     deadline = time.monotonic() + deadline_s
     while not condition():
-        assert proc.poll() is None, "the run ended before the moment to kill it"
+        if proc.poll() is not None:  # ended between two polls: the moment passed only if it left its mark
+            assert condition(), "the run ended before the moment to kill it"
+            return
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+# Epochs per moment: the early moments are killed long before the run's end, so a long run only
+# widens the window in which they can be seen (on a fast machine two epochs of 128 images pass the
+# "staged checkpoint written" moment between two polls); "replaced" waits for the end.
+KILL_EPOCHS = {"staging started": "200", "staged checkpoint written": "200", "replaced": "2"}
 
 
 @pytest.mark.parametrize("moment", ["staging started", "staged checkpoint written", "replaced"])
@@ -169,7 +178,7 @@ def test_kill_9_during_an_overwrite_leaves_the_old_or_the_new_run(old_run, tmp_p
         "staged checkpoint written": lambda: any((p / "best.pt").exists() for p in staging()),
         "replaced": lambda: (run / "config.yaml").read_bytes() != before["config.yaml"],
     }
-    args = ["train", *TINY[:-4], "--epochs", "2", "--device", "cpu", "--out", str(run), "--overwrite", "--seed", "5"]
+    args = ["train", *TINY[:-4], "--epochs", KILL_EPOCHS[moment], "--device", "cpu", "--out", str(run), "--overwrite", "--seed", "5"]
     with AdvpipeProcess(args, cwd=tmp_path) as proc:
         _wait_for(proc, conditions[moment])
         proc.kill(signal.SIGKILL)
