@@ -197,6 +197,12 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
         if bad:
             raise AdvpipeError(f"training diverged at epoch {epoch + 1}: {len(bad)} weight tensors are not finite "
                                f"(first {bad[0]!r}); nothing of this epoch is saved; try a lower lr", fields=("lr",))
+        for split in (test, val):  # finite but huge weights (one step at an absurd lr) overflow the logits
+            if split is not None and split["non_finite"]:
+                which = "test" if split is test else "val"
+                raise AdvpipeError(f"training diverged at epoch {epoch + 1}: the model's outputs are not finite on "
+                                   f"{split['non_finite']} of {split['n']} {which} images; nothing of this epoch is "
+                                   "saved; try a lower lr", fields=("lr",))
         if not info.is_main:
             barrier(info)  # rank 0 writes the checkpoint; the others wait so a crash never splits the run
             continue

@@ -71,6 +71,7 @@ def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path, fl
 @pytest.mark.parametrize("flags, needle", [
     (["--lr", "1e30", "--batch-size", "32"], "loss is nan"),  # the loss turns NaN at the second step
     (["--lr", "3e38", "--weight-decay", "10"], "weight tensors are not finite"),  # one step, loss still finite
+    (["--lr", "1e30"], "outputs are not finite on"),  # one step: finite weights near 1e29, logits overflow
 ])
 def test_a_diverging_run_stops_and_never_saves_its_weights(tmp_path, flags, needle):
     refused(invoke("train", *TINY, "--out", str(tmp_path / "run"), *flags), "training diverged at epoch 1", needle)
@@ -128,6 +129,7 @@ def test_resume_refuses_a_damaged_last_checkpoint(old_run, tmp_path, kind):
 
 @pytest.mark.parametrize("flags", [
     ["--lr", "1e30", "--batch-size", "32"],  # fails mid-epoch ("diverged")
+    ["--lr", "1e30"],  # one step: fails at the epoch's evaluation (outputs not finite)
     ["--warmup-epochs", "nan"],  # refused at validation
     ["--batch-size", "100000"],  # refused after the data is loaded
 ])
@@ -319,3 +321,19 @@ def test_an_overwrite_under_a_read_only_parent_stages_inside_the_run_folder(tmp_
     assert (old / "last.pt").read_text() == "old"  # kept until the commit
     folder.commit()
     assert {p.name: p.read_text() for p in old.iterdir()} == {"last.pt": "new", "notes.txt": "mine"}
+
+
+def test_evaluate_accuracy_counts_images_whose_logits_are_not_finite():
+    from advpipe.data.batch import Batch
+    from advpipe.models.accuracy import evaluate_accuracy
+
+    class Overflowing(torch.nn.Module):  # image i gives inf logits when its first pixel is 1
+        def forward(self, x):
+            return torch.where(x[:, :1, 0, 0] == 1, float("inf"), 0.0) * torch.ones(1, 3)
+
+    images = torch.zeros(5, 3, 2, 2)
+    images[[1, 3], 0, 0, 0] = 1
+    batch = Batch(images=images, labels=torch.zeros(5, dtype=torch.long), index=torch.arange(5))
+    result = evaluate_accuracy(Overflowing(), [batch], 3, reduce=lambda t: 2 * t)  # two equal shards
+    assert result["non_finite"] == 4 and result["n"] == 10
+    assert evaluate_accuracy(Overflowing(), [batch], 3)["non_finite"] == 2
