@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,20 @@ FORMAT = "advpipe-checkpoint/1"
 #: checkpoints shipped inside the package, selected as ``builtin:<name>`` (see docs/training.md)
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_PREFIX = "builtin:"
+#: the largest checkpoint file read (a last.pt holds the weights and the optimizer state, so a
+#: 2 GiB file is a model of about 170M parameters); ``ADVPIPE_MAX_CHECKPOINT_BYTES`` raises it
+MAX_CHECKPOINT_BYTES = 2 << 30
+MAX_CHECKPOINT_ENV = "ADVPIPE_MAX_CHECKPOINT_BYTES"
+
+
+def max_checkpoint_bytes() -> int:
+    """The checkpoint size limit: ``ADVPIPE_MAX_CHECKPOINT_BYTES`` if set, else :data:`MAX_CHECKPOINT_BYTES`."""
+    text = os.environ.get(MAX_CHECKPOINT_ENV, "").strip()
+    if not text:
+        return MAX_CHECKPOINT_BYTES
+    if not text.isdigit() or int(text) <= 0:
+        raise AdvpipeError(f"{MAX_CHECKPOINT_ENV} must be a positive number of bytes, got {text[:40]!r}")
+    return int(text)
 
 
 def builtin_checkpoints() -> list[str]:
@@ -95,11 +111,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read and validate an advpipe checkpoint (a path or ``builtin:<name>``); anything else raises AdvpipeError."""
     path = resolve_checkpoint(path)
     try:
-        exists = path.is_file()
+        st = path.stat()  # follows a symlink: the file it names is what would be read
+    except FileNotFoundError:
+        raise AdvpipeError(f"checkpoint {str(path)!r} does not exist") from None
     except OSError as exc:  # a name over 255 bytes, a loop of symlinks, ...
         raise AdvpipeError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
-    if not exists:
-        raise AdvpipeError(f"checkpoint {str(path)!r} does not exist")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, /dev/zero never ends
+        raise AdvpipeError(f"checkpoint {str(path)!r} is not a regular file")
+    limit = max_checkpoint_bytes()
+    if st.st_size > limit:
+        raise AdvpipeError(f"checkpoint {str(path)!r} is {st.st_size / 2**30:.1f} GiB, over the "
+                           f"{limit / 2**30:.1f} GiB limit for checkpoints ({MAX_CHECKPOINT_ENV} raises it)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:

@@ -337,3 +337,25 @@ def test_evaluate_accuracy_counts_images_whose_logits_are_not_finite():
     result = evaluate_accuracy(Overflowing(), [batch], 3, reduce=lambda t: 2 * t)  # two equal shards
     assert result["non_finite"] == 4 and result["n"] == 10
     assert evaluate_accuracy(Overflowing(), [batch], 3)["non_finite"] == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "over-limit"])
+def test_evaluate_refuses_a_checkpoint_that_is_not_a_bounded_regular_file(tmp_path, monkeypatch, kind):
+    ckpt = tmp_path / "victim.pt"
+    if kind == "fifo":  # reading it would block forever
+        os.mkfifo(ckpt)
+    elif kind == "dev-zero":  # reading it would never end
+        ckpt.symlink_to("/dev/zero")
+    elif kind == "directory":
+        ckpt.mkdir()
+    else:  # a real checkpoint, over a limit lowered to below its size
+        shutil.copy(VICTIM, ckpt)
+        monkeypatch.setenv("ADVPIPE_MAX_CHECKPOINT_BYTES", str(VICTIM.stat().st_size - 1))
+    needle = "GiB limit for checkpoints" if kind == "over-limit" else "is not a regular file"
+    refused(invoke("evaluate", "--checkpoint", str(ckpt), "--limit", "64", "--device", "cpu"), needle)
+
+
+def test_a_bad_checkpoint_size_limit_is_refused(monkeypatch):
+    monkeypatch.setenv("ADVPIPE_MAX_CHECKPOINT_BYTES", "2GB")
+    refused(invoke("evaluate", "--checkpoint", str(VICTIM), "--limit", "64", "--device", "cpu"),
+            "ADVPIPE_MAX_CHECKPOINT_BYTES must be a positive number of bytes")
