@@ -144,6 +144,25 @@ def test_rows_that_differ_only_in_their_mask_store_keep_apart():
     assert len(set(labels)) == 3 and sum("a/masks.zarr" in lb for lb in labels) == 1, labels
 
 
+def test_corruption_r_is_mean_corruption_over_clean_per_seed_and_paired():
+    from types import SimpleNamespace
+
+    from advpipe.eval.seed_report import CORRUPTION_R, group_rows, render_markdown
+
+    def run(aug, seed, clean, corr):
+        return SimpleNamespace(name=f"{aug}-{seed}", config={"aug": aug, "seed": seed}, metrics=[], method=aug,
+                               result={"clean": {"top1": clean}, "attacks": {}, "checkpoint": {"path": "last.pt"},
+                                       "summary": {"mean_corruption_top1": corr}})
+
+    runs = [run("none", 0, 0.40, 0.36), run("none", 1, 0.50, 0.40), run("mtlat", 0, 0.30, 0.30), run("mtlat", 1, 0.40, 0.38)]
+    rows, base = group_rows(runs, "none")
+    mtlat = next(r for r in rows if r is not base)
+    assert base.values[CORRUPTION_R] == pytest.approx({0: 0.9, 1: 0.8})
+    assert mtlat.values[CORRUPTION_R] == pytest.approx({0: 1.0, 1: 0.95})
+    assert mtlat.comparisons[CORRUPTION_R].diff == pytest.approx(0.125) and mtlat.comparisons[CORRUPTION_R].test == "paired"
+    assert any("robustness score" in line for line in render_markdown(rows, base))
+
+
 def test_parse_study_refuses_a_bad_value_in_the_library_too():
     with pytest.raises(AdvpipeError, match="epochs"):
         parse_study({**TINY, "grid": {"epochs": ["many"]}})
@@ -234,3 +253,10 @@ def test_bad_train_config_files_are_one_line_errors(tmp_path, content):
     lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs" / "studies").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_study_preset_validates(preset):
+    study = parse_study(yaml.safe_load(preset.read_text()), source=str(preset))
+    assert study.name == preset.stem and study.runs

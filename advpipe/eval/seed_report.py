@@ -20,6 +20,8 @@ from advpipe.eval.aggregate import Comparison, Summary, compare, summarize, with
 #: config keys that never make two runs different experiments
 IGNORED_KEYS = {"seed", "out", "resume", "overwrite", "device", "workers", "data_dir", "download"}
 BEST_VAL = "test@best-val"
+#: M-TLAT's robustness score R (m-tlat.txt Eq. 7) on the corruption suite: mean corruption over clean accuracy
+CORRUPTION_R = "corruption R"
 #: config keys that differ between rows only because their ``aug`` differs
 IMPLIED_BY_AUG = {"masks", "aug_options", "method_options"}
 
@@ -47,7 +49,7 @@ def _seed(run: Any, position: int) -> int:
 
 
 def run_metrics(run: Any) -> dict[str, float]:
-    """The metrics of one run: clean, each attack, mean corruption and test accuracy at best validation."""
+    """The metrics of one run: clean, each attack, mean corruption, its R and test accuracy at best validation."""
     result = run.result
     out: dict[str, float] = {}
     if isinstance(result["clean"].get("top1"), (int, float)):
@@ -58,6 +60,8 @@ def run_metrics(run: Any) -> dict[str, float]:
     mean_corr = result.get("summary", {}).get("mean_corruption_top1")
     if isinstance(mean_corr, (int, float)):
         out["mean corruption"] = float(mean_corr)
+        if out.get("clean"):
+            out[CORRUPTION_R] = float(mean_corr) / out["clean"]
     with_val = [m for m in run.metrics if isinstance(m.get("val_acc"), (int, float)) and "test_acc" in m]
     if with_val:
         best = max(with_val, key=lambda m: (m["val_acc"], -m["epoch"]))  # earliest epoch of the best val
@@ -152,7 +156,9 @@ def render_markdown(rows: Sequence[Row], base: Row | None) -> list[str]:
            "Runs that differ only in `seed` form one row: mean ± sample std [95% t interval of the mean], over "
            "the last-epoch checkpoints that `eval.json` measured"
            + (f"; `{BEST_VAL}` is the test accuracy at the epoch of best validation accuracy" if BEST_VAL in metrics
-              else "") + ". No figure is selected on the test set.", "",
+              else "")
+           + (f"; `{CORRUPTION_R}` is M-TLAT's robustness score, mean corruption over clean accuracy, in %"
+              if CORRUPTION_R in metrics else "") + ". No figure is selected on the test set.", "",
            "| Row | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---|" * len(metrics)]
     for row in rows:
         cells = [_cell(row.summaries[m]) if m in row.summaries else "–" for m in metrics]
