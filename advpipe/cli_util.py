@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import sys
@@ -136,6 +137,7 @@ def user_errors(func: F) -> F:
         except AdvpipeError as exc:
             console.print(f"[red]error:[/red] {escape(with_flags(error_text(exc), exc.fields))}", highlight=False,
                           soft_wrap=True)
+            settle_zarr_tasks()
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -144,6 +146,29 @@ def user_errors(func: F) -> F:
             progress.use_reporter(previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def settle_zarr_tasks(timeout_s: float = 5.0) -> None:
+    """Let the chunk reads zarr still runs after an error finish (bounded), so exit does not destroy them mid-await.
+
+    When one chunk of a multi-chunk read fails, its siblings keep running on zarr's event-loop
+    thread; if the process exits first, zarr's atexit closes the loop under them and Python prints
+    "Exception ignored in <coroutine ...>" with a traceback below the one-line error.
+    """
+    sync = sys.modules.get("zarr.core.sync")
+    loop = getattr(sync, "loop", [None])[0] if sync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def rest() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout_s)
+
+    try:
+        asyncio.run_coroutine_threadsafe(rest(), loop).result(timeout_s + 1)
+    except Exception:  # noqa: BLE001 - best effort on the way out; the error line is already printed
+        pass
 
 
 def error_text(exc: BaseException) -> str:

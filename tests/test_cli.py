@@ -132,3 +132,28 @@ def test_progress_without_a_terminal_prints_periodic_plain_lines(capsys):
     assert attack[-1].startswith("attack: 4/4") and "100%" in attack[-1]
     assert not any(ln.startswith(("idle", "attack batch")) for ln in lines)
     assert lines[-1].startswith("precompute: 2/2")
+
+
+def test_an_error_exit_lets_zarrs_leftover_reads_finish_first():
+    """A failed multi-chunk read leaves sibling reads on zarr's loop; the error exit waits for them."""
+    import asyncio
+
+    from zarr.core.sync import _get_loop
+
+    from advpipe.cli_util import settle_zarr_tasks
+
+    loop = _get_loop()
+    finished = []
+
+    async def sibling_read():
+        await asyncio.sleep(0.3)
+        finished.append(True)
+
+    asyncio.run_coroutine_threadsafe(sibling_read(), loop)  # left running, as after a damaged chunk
+    settle_zarr_tasks(timeout_s=5)
+    assert finished == [True]
+    started = __import__("time").monotonic()
+    hung = asyncio.run_coroutine_threadsafe(asyncio.sleep(30), loop)  # a read that never ends: waited for, boundedly
+    settle_zarr_tasks(timeout_s=0.2)
+    assert __import__("time").monotonic() - started < 3
+    hung.cancel()
