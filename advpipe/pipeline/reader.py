@@ -152,7 +152,8 @@ class MaskStore(Chunked):
             hashes = self._row_values("sample_hash", start, stop)
             # a pinned manifest that lists exactly the mask_hash objects these masks hash to proves the
             # comparison below without fetching mask_hash (the same check, not a weaker one)
-            if not (self.complete and self.pinned_equal("mask_hash", mask_hash(masks, hashes), start)):
+            pinned = self.complete and self.manifest is not None and self.manifest.pinned  # else hash once, below
+            if not (pinned and self.pinned_equal("mask_hash", mask_hash(masks, hashes), start)):
                 recorded = self._row_values("mask_hash", start, stop)
         keep = slice(None)
         if not self.complete:  # rows of chunks not yet written hold the fill values
