@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -71,10 +71,10 @@ class AdvpipeProcess:
     while the test is busy polling its store.
     """
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        """Start the command in ``cwd``."""
+    def __init__(self, args: list[str], cwd: Path, python: Sequence[str] = ("-m", "advpipe")) -> None:
+        """Start the command in ``cwd``; ``python`` is what runs it (a wrapper script instead of ``-m advpipe``)."""
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "advpipe", *args], cwd=cwd, stdout=self._out,
+        self.proc = subprocess.Popen([sys.executable, *python, *args], cwd=cwd, stdout=self._out,
                                      stderr=self._err, text=True, env=SUBPROCESS_ENV)
         self.pid = self.proc.pid
 

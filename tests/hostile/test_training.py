@@ -25,6 +25,7 @@ from helpers.hostile import TINY, cli, file_bytes, invoke, refused, succeeded
 from advpipe.models.checkpoint import BUILTIN_DIR, load_checkpoint
 
 VICTIM = BUILTIN_DIR / "resnet20-cifar10.pt"
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process runs too use one CPU thread
 
 
@@ -164,10 +165,17 @@ def _wait_for(proc: AdvpipeProcess, condition, deadline_s: float = 120) -> None:
         time.sleep(0.02)
 
 
-# Epochs per moment: the early moments are killed long before the run's end, so a long run only
-# widens the window in which they can be seen (on a fast machine two epochs of 128 images pass the
-# "staged checkpoint written" moment between two polls); "replaced" waits for the end.
-KILL_EPOCHS = {"staging started": "200", "staged checkpoint written": "200", "replaced": "2"}
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (by a signal), from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+# Epochs per moment: "staging started" lasts the first epoch, so a long run only widens its window;
+# "replaced" waits for the end. "staged checkpoint written" lasts milliseconds (best.pt and last.pt are
+# saved back to back, then the run is committed), so that run stops itself right after the staged
+# best.pt is saved (tests/helpers/stop_after_save.py) and is killed stopped there.
+KILL_EPOCHS = {"staging started": "200", "staged checkpoint written": "2", "replaced": "2"}
+STOP_AFTER_STAGED_BEST = ("tests/helpers/stop_after_save.py", "*/.run.new-*/best.pt")
 
 
 @pytest.mark.parametrize("moment", ["staging started", "staged checkpoint written", "replaced"])
@@ -181,8 +189,14 @@ def test_kill_9_during_an_overwrite_leaves_the_old_or_the_new_run(old_run, tmp_p
         "replaced": lambda: (run / "config.yaml").read_bytes() != before["config.yaml"],
     }
     args = ["train", *TINY[:-4], "--epochs", KILL_EPOCHS[moment], "--device", "cpu", "--out", str(run), "--overwrite", "--seed", "5"]
-    with AdvpipeProcess(args, cwd=tmp_path) as proc:
+    python = ("-m", "advpipe")
+    if moment == "staged checkpoint written":
+        python, args = (str(REPO / STOP_AFTER_STAGED_BEST[0]),), [STOP_AFTER_STAGED_BEST[1], *args]
+    with AdvpipeProcess(args, cwd=tmp_path, python=python) as proc:
         _wait_for(proc, conditions[moment])
+        if moment == "staged checkpoint written":  # stopped between the staged best.pt and last.pt
+            _wait_for(proc, lambda: _stopped(proc.pid))
+            assert [p.name for p in staging()[0].glob("*.pt")] == ["best.pt"]
         proc.kill(signal.SIGKILL)
     after = file_bytes(run)
     if after["config.yaml"] == before["config.yaml"]:  # the old run, untouched
