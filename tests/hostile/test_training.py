@@ -170,12 +170,12 @@ def _stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
-# Epochs per moment: "staging started" lasts the first epoch, so a long run only widens its window;
-# "replaced" waits for the end. "staged checkpoint written" lasts milliseconds (best.pt and last.pt are
-# saved back to back, then the run is committed), so that run stops itself right after the staged
-# best.pt is saved (tests/helpers/stop_after_save.py) and is killed stopped there.
-KILL_EPOCHS = {"staging started": "200", "staged checkpoint written": "2", "replaced": "2"}
-STOP_AFTER_STAGED_BEST = ("tests/helpers/stop_after_save.py", "*/.run.new-*/best.pt")
+# "staging started" and "staged checkpoint written" last milliseconds to a second (the staging folder
+# lives until the first epoch's checkpoints; the staged best.pt only until last.pt is saved beside
+# it), so those runs stop themselves right at the moment (tests/helpers/stop_after_save.py) and are
+# killed stopped there; a poll could miss them on a fast machine. "replaced" waits for the end.
+STOP_AT = {"staging started": "staging", "staged checkpoint written": "*/.run.new-*/best.pt"}
+STOPPED_HOLDS = {"staging started": [], "staged checkpoint written": ["best.pt"]}  # the staged .pt files then
 
 
 @pytest.mark.parametrize("moment", ["staging started", "staged checkpoint written", "replaced"])
@@ -183,20 +183,16 @@ def test_kill_9_during_an_overwrite_leaves_the_old_or_the_new_run(old_run, tmp_p
     run = copy_run(old_run, tmp_path)
     before = file_bytes(run)
     staging = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".run.new-")]
-    conditions = {
-        "staging started": lambda: bool(staging()),
-        "staged checkpoint written": lambda: any((p / "best.pt").exists() for p in staging()),
-        "replaced": lambda: (run / "config.yaml").read_bytes() != before["config.yaml"],
-    }
-    args = ["train", *TINY[:-4], "--epochs", KILL_EPOCHS[moment], "--device", "cpu", "--out", str(run), "--overwrite", "--seed", "5"]
+    args = ["train", *TINY[:-4], "--epochs", "2", "--device", "cpu", "--out", str(run), "--overwrite", "--seed", "5"]
     python = ("-m", "advpipe")
-    if moment == "staged checkpoint written":
-        python, args = (str(REPO / STOP_AFTER_STAGED_BEST[0]),), [STOP_AFTER_STAGED_BEST[1], *args]
+    if moment in STOP_AT:
+        python, args = (str(REPO / "tests" / "helpers" / "stop_after_save.py"),), [STOP_AT[moment], *args]
     with AdvpipeProcess(args, cwd=tmp_path, python=python) as proc:
-        _wait_for(proc, conditions[moment])
-        if moment == "staged checkpoint written":  # stopped between the staged best.pt and last.pt
+        if moment in STOP_AT:  # stopped at the moment: the staging folder holds just what it should
             _wait_for(proc, lambda: _stopped(proc.pid))
-            assert [p.name for p in staging()[0].glob("*.pt")] == ["best.pt"]
+            assert [sorted(p.name for p in folder.glob("*.pt")) for folder in staging()] == [STOPPED_HOLDS[moment]]
+        else:
+            _wait_for(proc, lambda: (run / "config.yaml").read_bytes() != before["config.yaml"])
         proc.kill(signal.SIGKILL)
     after = file_bytes(run)
     if after["config.yaml"] == before["config.yaml"]:  # the old run, untouched
