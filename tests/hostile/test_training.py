@@ -25,7 +25,7 @@ from helpers.hostile import TINY, cli, file_bytes, invoke, refused, succeeded
 from advpipe.models.checkpoint import BUILTIN_DIR, load_checkpoint
 
 VICTIM = BUILTIN_DIR / "resnet20-cifar10.pt"
-REPO = Path(__file__).resolve().parents[2]
+STOP_AT_SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "stop_at.py"
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process runs too use one CPU thread
 
 
@@ -172,7 +172,7 @@ def _stopped(pid: int) -> bool:
 
 # "staging started" and "staged checkpoint written" last milliseconds to a second (the staging folder
 # lives until the first epoch's checkpoints; the staged best.pt only until last.pt is saved beside
-# it), so those runs stop themselves right at the moment (tests/helpers/stop_after_save.py) and are
+# it), so those runs stop themselves right at the moment (tests/helpers/stop_at.py) and are
 # killed stopped there; a poll could miss them on a fast machine. "replaced" waits for the end.
 STOP_AT = {"staging started": "staging", "staged checkpoint written": "*/.run.new-*/best.pt"}
 STOPPED_HOLDS = {"staging started": [], "staged checkpoint written": ["best.pt"]}  # the staged .pt files then
@@ -186,7 +186,7 @@ def test_kill_9_during_an_overwrite_leaves_the_old_or_the_new_run(old_run, tmp_p
     args = ["train", *TINY[:-4], "--epochs", "2", "--device", "cpu", "--out", str(run), "--overwrite", "--seed", "5"]
     python = ("-m", "advpipe")
     if moment in STOP_AT:
-        python, args = (str(REPO / "tests" / "helpers" / "stop_after_save.py"),), [STOP_AT[moment], *args]
+        python, args = (str(STOP_AT_SCRIPT),), [STOP_AT[moment], *args]
     with AdvpipeProcess(args, cwd=tmp_path, python=python) as proc:
         if moment in STOP_AT:  # stopped at the moment: the staging folder holds just what it should
             _wait_for(proc, lambda: _stopped(proc.pid))

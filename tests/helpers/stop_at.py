@@ -1,6 +1,6 @@
 """Run the advpipe CLI, stopping itself (SIGSTOP) at a moment of an ``--overwrite`` that lasts milliseconds.
 
-``python tests/helpers/stop_after_save.py MOMENT ARGS...`` runs ``advpipe ARGS`` the way ``python -m
+``python tests/helpers/stop_at.py MOMENT ARGS...`` runs ``advpipe ARGS`` the way ``python -m
 advpipe`` does, and stops the process right after MOMENT: ``staging`` (the staging folder made) or
 a glob such as ``*/.run.new-*/best.pt`` (a checkpoint saved at a matching path). A test waits for the
 stopped process and kills it there, so the kill lands at that moment on any machine, fast or slow.
