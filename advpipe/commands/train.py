@@ -37,6 +37,7 @@ def train(
     data_dir: Optional[str] = DataDirOpt,
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
     val_size: Optional[int] = typer.Option(None, "--val-size", help="Hold N training samples out (drawn by --seed) and choose best.pt on them."),
+    test_subset: Optional[int] = typer.Option(None, "--test-subset", help="Evaluate each epoch on a fixed N-image test subset (default 2000; 0: all); the last epoch uses the full test set."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize folder images to this size."),
     download: Optional[bool] = typer.Option(None, "--download", help="Fetch CIFAR with torchvision (needs internet)."),
     model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `advpipe info`); default resnet20."),
@@ -84,7 +85,7 @@ def train(
         if not (masks or file_values.get("masks")):
             raise AdvpipeError("--masks-digest pins the store given with --masks; pass --masks too")
         masks = pin_location(masks or file_values["masks"], masks_digest)
-    overrides = dict(data=data, data_dir=data_dir, limit=limit, val_size=val_size, image_size=image_size, download=download,
+    overrides = dict(data=data, data_dir=data_dir, limit=limit, val_size=val_size, test_subset=test_subset, image_size=image_size, download=download,
                      model=model, aug=aug, masks=masks, epochs=epochs, batch_size=batch_size, lr=lr,
                      weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, precision=precision,
                      out=out_dir, seed=seed, device=device, workers=workers,

@@ -184,9 +184,8 @@ class DeviceLoader:
             params = sample_crop_flip(len(index), pad=self.pad, flip=self.flip, generator=gen, device=self.device)
             images = apply_crop_flip(images, params)
             side = {name: apply_crop_flip(t, params) for name, t in side.items()}
-        floats = images.float().div_(255)
-        if self.device.type == "cuda":
-            floats = floats.contiguous(memory_format=torch.channels_last)
+        # channels_last on every device: oneDNN's CPU convolutions gain too (benchmarks/README.md)
+        floats = images.float().div_(255).contiguous(memory_format=torch.channels_last)
         return Batch(floats, self.labels[index], index, side)
 
     def _side(self, src: SideSource, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

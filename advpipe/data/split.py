@@ -16,6 +16,8 @@ from advpipe.errors import AdvpipeError
 
 #: the random stream of the validation draw, apart from the loader's and the augmentations' streams
 _VAL_STREAM = 97
+#: the fixed seed of the per-epoch test subset: every run and seed is monitored on the same images
+_TEST_SUBSET_SEED = 20261207
 
 
 @dataclass(frozen=True)
@@ -38,3 +40,11 @@ def hold_out(n: int, val_size: int, seed: int, data_fingerprint: str) -> HoldOut
     h = hashlib.sha256(f"advpipe-val1|{data_fingerprint}|{n}|".encode())
     h.update(val.numpy().astype("<i8").tobytes())
     return HoldOut(train, val, "sha256:" + h.hexdigest())
+
+
+def fixed_test_subset(n: int, size: int | None) -> torch.Tensor | None:
+    """A fixed random subset of ``size`` of ``n`` test indices (sorted), the same for every run; None for all."""
+    if not size or size >= n:
+        return None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_TEST_SUBSET_SEED))
+    return perm[:size].sort().values

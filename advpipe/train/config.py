@@ -23,6 +23,7 @@ class TrainConfig:
     data_dir: str | None = None
     limit: int | None = None
     val_size: int | None = None
+    test_subset: int | None = 2000
     image_size: int | None = None
     download: bool = False
     model: str = "resnet20"
@@ -156,6 +157,9 @@ def _check_kinds(cfg: TrainConfig) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Refuse values that cannot make a run, with a message naming the option."""
     _check_kinds(cfg)
+    if cfg.test_subset is not None and cfg.test_subset < 0:
+        raise AdvpipeError(f"--test-subset must be 0 (the full test set) or more, got {cfg.test_subset!r}",
+                           fields=("test_subset",))
     for name in ("val_size", "limit", "image_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise AdvpipeError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)!r}")

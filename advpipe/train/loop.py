@@ -22,7 +22,7 @@ from advpipe import progress
 from advpipe.augment.base import AugmentContext, build_augment
 from advpipe.data.datasets import DatasetSplit, load_dataset
 from advpipe.data.loader import DeviceLoader, epoch_seed
-from advpipe.data.split import HoldOut, hold_out
+from advpipe.data.split import HoldOut, fixed_test_subset, hold_out
 from advpipe.errors import AdvpipeError
 from advpipe.eval.accuracy import autocast_context, evaluate_accuracy
 from advpipe.models.build import build_model
@@ -85,9 +85,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
                                                              cfg.epochs), cfg.aug_options, "aug_options")
     method = _build(build_method, method_name, MethodContext(train_ds.num_classes, cfg.epochs, size),
                     cfg.method_options, "method_options")
-    model = method.prepare(build_model(cfg.model, train_ds)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = method.prepare(build_model(cfg.model, train_ds)).to(device, memory_format=torch.channels_last)
     side = side_sources(augment.needs_side, cfg, train_ds, device)
     side.update(getattr(augment, "own_side", {}))  # side data the augmentation derives itself (CP's corners)
 
@@ -112,8 +110,11 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
     val_loader = None if holdout is None else DeviceLoader(
         train_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False, workers=cfg.workers,
         rank=info.rank, world_size=info.world_size, indices=holdout.val)
-    test_loader = DeviceLoader(test_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False,
-                               workers=cfg.workers, rank=info.rank, world_size=info.world_size)
+    eval_kw = dict(batch_size=max(cfg.batch_size, 256), device=device, train=False, workers=cfg.workers,
+                   rank=info.rank, world_size=info.world_size)
+    test_loader = DeviceLoader(test_ds, **eval_kw)  # the full test set: the last epoch
+    subset = fixed_test_subset(len(test_ds), cfg.test_subset)  # a fixed subset: every other epoch
+    epoch_test_loader = test_loader if subset is None else DeviceLoader(test_ds, indices=subset, **eval_kw)
     steps_per_epoch = len(loader)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -168,8 +169,9 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
                     seen += len(batch)
                 bar.advance(1, loss=f"{loss.item():.3f}")
         elapsed = time.perf_counter() - started
-        test = evaluate_accuracy(model, test_loader, test_ds.num_classes, precision=precision,
-                                 description="test", total=len(test_loader), reduce=lambda t: all_reduce_sum(t, info))
+        on_test = test_loader if epoch + 1 == cfg.epochs else epoch_test_loader
+        test = evaluate_accuracy(model, on_test, test_ds.num_classes, precision=precision,
+                                 description="test", total=len(on_test), reduce=lambda t: all_reduce_sum(t, info))
         val = None if val_loader is None else evaluate_accuracy(
             model, val_loader, test_ds.num_classes, precision=precision, description="val", total=len(val_loader),
             reduce=lambda t: all_reduce_sum(t, info))
@@ -182,6 +184,7 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
             **{f"train_{k}": float(v) / world_steps for k, v in zip(keys, totals[: len(keys)])},
             "train_acc": float(totals[-2] / totals[-1]) if float(totals[-1]) else None,
             "test_acc": test["top1"],
+            "test_images": test["n"],
             **({} if val is None else {"val_acc": val["top1"]}),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed,

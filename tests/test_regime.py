@@ -1,0 +1,83 @@
+"""Issue 22's training changes: the fixed per-epoch test subset, the embedded data's parent, unwrapped logs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from advpipe.data.datasets import PREFIX_OF, drawn_from, load_dataset
+from advpipe.data.split import fixed_test_subset
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
+
+
+def test_the_test_subset_is_fixed_sorted_and_the_same_for_every_run():
+    a, b = fixed_test_subset(10_000, 2000), fixed_test_subset(10_000, 2000)
+    assert torch.equal(a, b) and len(a) == 2000 and len(set(a.tolist())) == 2000
+    assert torch.equal(a, a.sort().values) and int(a.max()) < 10_000
+    assert not torch.equal(a, torch.arange(2000))  # a random draw, not the first rows
+    assert fixed_test_subset(1000, 2000) is None and fixed_test_subset(1000, 0) is None and fixed_test_subset(1000, None) is None
+
+
+@pytest.mark.slow
+def test_epochs_evaluate_the_subset_and_the_last_epoch_the_full_test_set(tmp_path):
+    from advpipe.train.config import TrainConfig
+    from advpipe.train.loop import train
+
+    train(TrainConfig(limit=256, epochs=2, batch_size=64, test_subset=100, device="cpu", out=str(tmp_path / "r")))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_images"] for r in rows] == [100, 1000]
+
+
+def test_a_negative_test_subset_is_refused_naming_the_flag():
+    from advpipe.errors import AdvpipeError
+    from advpipe.train.config import TrainConfig
+
+    with pytest.raises(AdvpipeError) as info:
+        TrainConfig(test_subset=-1)
+    assert info.value.fields == ("test_subset",)
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR10 / "train.npz").exists(), reason="needs the shared offline CIFAR-10 copy")
+def test_the_embedded_splits_are_the_first_rows_of_the_recorded_parent():
+    for split, rows in (("train", 2000), ("test", 1000)):
+        full = load_dataset("cifar10", split, data_dir=str(SHARED_CIFAR10))
+        emb = load_dataset("embedded", split)
+        assert full.fingerprint == PREFIX_OF[("embedded", split)]
+        assert torch.equal(full.images[:rows], emb.images) and torch.equal(full.labels[:rows], emb.labels)
+
+
+def test_precompute_warns_only_when_the_victim_saw_other_data():
+    from advpipe.pipeline.precompute import PrecomputeConfig, _check_fits
+
+    ds = load_dataset("embedded", "train")
+    cfg = PrecomputeConfig(data="embedded", checkpoint="builtin:resnet20-cifar10")
+
+    def warnings_for(fingerprint: str) -> list[str]:
+        ckpt = SimpleNamespace(arch="resnet20", dataset="cifar10", num_classes=10, image_size=32,
+                               fingerprint=fingerprint)
+        found: list[str] = []
+        _check_fits(ckpt, ds, Path("victim.pt"), cfg, found)
+        return found
+
+    assert drawn_from(ds, PREFIX_OF[("embedded", "train")]) and drawn_from(ds, ds.fingerprint)
+    assert warnings_for(PREFIX_OF[("embedded", "train")]) == []  # the shipped victim on the embedded subset
+    assert warnings_for(ds.fingerprint) == []
+    assert len(warnings_for("sha256:" + "0" * 64)) == 1  # really other data: still warned
+
+
+def test_logs_and_tables_are_not_wrapped_when_stderr_and_stdout_are_files(tmp_path):
+    code = ("import logging, sys; from advpipe.cli_util import setup_logging; from advpipe.cli import out; "
+            "from rich.table import Table; setup_logging(False); logging.getLogger('x').warning('w' * 300); "
+            "t = Table(); t.add_column('run folder'); t.add_row('/tmp/' + 'r' * 200); out.print(t)")
+    err, std = tmp_path / "err.txt", tmp_path / "out.txt"
+    with open(err, "w") as e, open(std, "w") as o:
+        subprocess.run([sys.executable, "-c", code], check=True, stderr=e, stdout=o)
+    assert err.read_text().splitlines() == ["WARNING " + "w" * 300]
+    assert any("/tmp/" + "r" * 200 in line for line in std.read_text().splitlines())
