@@ -6,12 +6,14 @@ import typer
 from rich.console import Console
 
 from advpipe import __version__
-from advpipe.cli_util import echo, setup_logging
+import sys
+
+from advpipe.cli_util import echo, plain_width, setup_logging
 
 app = typer.Typer(help="advpipe: adversarial attacks as data augmentation (AdvMask masks, AdvProp, A-FAN, M2AT, "
                        "M-TLAT, occlusion baselines).", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
-out = Console()
+out = Console(width=plain_width(sys.stdout))  # tables keep their natural width in files
 
 DataOpt = typer.Option(None, "--data", help="Dataset: embedded (default), cifar10, cifar100, folder, synthetic.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding the data (default $ADVPIPE_DATA_DIR or ./data).")

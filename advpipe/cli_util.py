@@ -19,7 +19,15 @@ from advpipe.commands.flags import with_flags
 from advpipe.errors import AdvpipeError
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console(stderr=True)
+
+
+def plain_width(stream: Any) -> int | None:
+    """The console width for ``stream``: the terminal's, or no wrapping at all (a log file gets whole lines)."""
+    isatty = getattr(stream, "isatty", None)
+    return None if isatty is not None and isatty() else 1_000_000
+
+
+console = Console(stderr=True, width=plain_width(sys.stderr))
 
 
 class _RichTask:
@@ -186,8 +194,12 @@ def setup_logging(verbose: bool) -> None:
     """Send library logs to stderr (warnings only unless ``verbose``)."""
     from rich.logging import RichHandler
 
+    # a terminal gets rich's columns; a file or pipe gets whole, unwrapped lines
+    handler = RichHandler(console=console, show_path=False) if console.is_terminal else logging.StreamHandler(sys.stderr)
+    if not console.is_terminal:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+                        handlers=[handler], force=True)
     # zarr's sibling reads can leave asyncio tasks behind after a damaged-chunk error; their
     # shutdown noise would bury the one-line error
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)

@@ -32,7 +32,7 @@ from torch import nn
 
 from advpipe.attacks.sparse import SparseAttackConfig
 from advpipe.cluster import plan_local_workers
-from advpipe.data.datasets import DatasetSplit, dataset_family, load_dataset
+from advpipe.data.datasets import DatasetSplit, dataset_family, drawn_from, load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import Checkpoint, load_checkpoint
 from advpipe.pipeline.chunks import (
@@ -188,7 +188,7 @@ def _check_fits(ckpt: Checkpoint, ds: DatasetSplit, path: Path, cfg: PrecomputeC
         raise AdvpipeError(f"{path} predicts {ckpt.num_classes} classes but {cfg.data} has {ds.num_classes}")
     if ds.image_shape[-1] != ckpt.image_size:
         raise AdvpipeError(f"{path} expects {ckpt.image_size}px images but {cfg.data} has {ds.image_shape[-1]}px")
-    if cfg.split == "train" and cfg.limit is None and ckpt.fingerprint != ds.fingerprint:
+    if cfg.split == "train" and cfg.limit is None and not drawn_from(ds, ckpt.fingerprint):
         # Legitimate when the model was trained with --limit (a prefix of the data); the store
         # records both fingerprints, so the difference stays visible.
         warnings.append(f"the checkpoint was trained on {ckpt.dataset} data with fingerprint {ckpt.fingerprint}, "
