@@ -32,7 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CUDA GPUs since Ampere; CPUs with AMX or AVX512-BF16)."""
+    """Whether ``device`` computes bfloat16 natively (CUDA GPUs since Ampere; CPUs with AVX-512 BF16 or AMX)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type == "cpu":
