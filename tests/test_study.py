@@ -59,6 +59,18 @@ def test_paired_comparison_matches_hand_computed_t_test():
     assert c.p_value == pytest.approx(p, abs=1e-4) and c.p_value == pytest.approx(0.05328, abs=1e-4)
     assert c.ci_low == pytest.approx(0.0366667 - 4.302653 * 0.0088192, abs=1e-5)
     assert within_noise(c) is True  # the interval [-0.0013, 0.0746] contains 0
+    # minimal detectable difference: (t(0.975, 2) + t(0.80, 2)) * se = (4.302653 + 1.060660) * 0.0088192
+    assert c.mdd == pytest.approx((4.302653 + 1.060660) * 0.0088192, abs=1e-5)
+
+
+def test_mdd_shrinks_with_more_seeds_and_is_absent_without_an_interval():
+    # the same per-seed differences (sd 0.01) over 3 and over 5 seeds: se and both t quantiles fall
+    three = compare({0: 0.51, 1: 0.50, 2: 0.52}, {0: 0.5, 1: 0.5, 2: 0.5})
+    five = compare({0: 0.51, 1: 0.50, 2: 0.52, 3: 0.51, 4: 0.51}, {s: 0.5 for s in range(5)})
+    # 5 seeds: sd 0.0070711, se 0.0031623, t(0.975, 4) = 2.776445, t(0.80, 4) = 0.940965
+    assert five.mdd == pytest.approx((2.776445 + 0.940965) * 0.0031623, abs=1e-6)
+    assert five.mdd < three.mdd
+    assert compare({0: 0.7}, {1: 0.6}).mdd is None
 
 
 def test_welch_comparison_when_seeds_differ():

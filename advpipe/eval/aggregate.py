@@ -9,6 +9,11 @@ mean (n - 1 degrees of freedom). A row's difference to the baseline is tested
 - with *Welch's* t test otherwise (unequal variances, Welch-Satterthwaite degrees of freedom).
 
 Both are two-sided; ``test`` says which was used. One run gives n = 1 and no interval.
+
+Beside each difference stands the *minimal detectable difference* (``mdd``): the true difference
+that the same test, with the same standard error and degrees of freedom, would find at the 5% level
+two-sided with 80% power, ``(t(0.975, df) + t(0.80, df)) * se``. A difference inside the noise says
+little when the mdd is large: the study could not have seen an effect smaller than it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 CONFIDENCE = 0.95
+POWER = 0.80
 
 
 @dataclass(frozen=True)
@@ -45,16 +51,17 @@ class Comparison:
     p_value: float | None
     test: str  # "paired" | "welch" | "none"
     n_pairs: int = 0
+    mdd: float | None = None  # minimal detectable difference (80% power, 5% two-sided)
 
     def to_dict(self) -> dict:
         """A JSON-able dict."""
         return asdict(self)
 
 
-def _t_quantile(df: float) -> float:
+def _t_quantile(df: float, level: float = 0.5 + CONFIDENCE / 2) -> float:
     from scipy.stats import t
 
-    return float(t.ppf(0.5 + CONFIDENCE / 2, df))
+    return float(t.ppf(level, df))
 
 
 def _t_p_value(stat: float, df: float) -> float:
@@ -85,9 +92,10 @@ def summarize(values: Sequence[float]) -> Summary:
 
 def _from_t(diff: float, se: float, df: float, test: str, n_pairs: int = 0) -> Comparison:
     if se == 0:  # no spread at all: a t statistic is undefined, so there is no p-value
-        return Comparison(diff, diff, diff, None, test, n_pairs)
+        return Comparison(diff, diff, diff, None, test, n_pairs, 0.0)
     half = _t_quantile(df) * se
-    return Comparison(diff, diff - half, diff + half, _t_p_value(diff / se, df), test, n_pairs)
+    mdd = (_t_quantile(df) + _t_quantile(df, POWER)) * se
+    return Comparison(diff, diff - half, diff + half, _t_p_value(diff / se, df), test, n_pairs, mdd)
 
 
 def compare(row: Mapping[int, float], baseline: Mapping[int, float]) -> Comparison:

@@ -136,7 +136,8 @@ def _diff_cell(c: Comparison) -> str:
         return f"{sign}{_pct(c.diff)} (no interval)"
     noise = " inside noise" if within_noise(c) else ""
     p = "p=n/a (no spread)" if c.p_value is None else f"p={c.p_value:.3f}"
-    return f"{sign}{_pct(c.diff)} [{_pct(c.ci_low)}, {_pct(c.ci_high)}] {p} {c.test}{noise}"
+    mdd = "" if c.mdd is None else f" (mdd {_pct(c.mdd)})"
+    return f"{sign}{_pct(c.diff)} [{_pct(c.ci_low)}, {_pct(c.ci_high)}] {p} {c.test}{noise}{mdd}"
 
 
 def metric_names(rows: Sequence[Row]) -> list[str]:
@@ -166,7 +167,8 @@ def render_markdown(rows: Sequence[Row], base: Row | None) -> list[str]:
     if base is not None and len(rows) > 1:
         out += ["", f"### Difference to `{base.label}` (percentage points)", "",
                 "Mean difference [95% interval], two-sided p-value and test: *paired* by seed when both rows hold "
-                "the same seeds, *Welch* otherwise. *inside noise*: the interval contains 0.", "",
+                "the same seeds, *Welch* otherwise. *inside noise*: the interval contains 0. *mdd*: the minimal "
+                "detectable difference, the true difference this test would find with 80% power at the 5% level.", "",
                 "| Row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         for row in rows:
             if row is base:
@@ -193,12 +195,12 @@ def to_csv(rows: Sequence[Row]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["row", "metric", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high",
-                     "p_value", "test"])
+                     "p_value", "test", "mdd"])
     fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
     for row in rows:
         for metric, s in row.summaries.items():
             c = row.comparisons.get(metric)
             writer.writerow([row.label, metric, s.n, fmt(s.mean), fmt(s.std), fmt(s.ci_low), fmt(s.ci_high),
-                             *(("", "", "", "", "") if c is None else
-                               (fmt(c.diff), fmt(c.ci_low), fmt(c.ci_high), fmt(c.p_value), c.test))])
+                             *(("", "", "", "", "", "") if c is None else
+                               (fmt(c.diff), fmt(c.ci_low), fmt(c.ci_high), fmt(c.p_value), c.test, fmt(c.mdd)))])
     return buf.getvalue()
