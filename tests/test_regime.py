@@ -81,3 +81,31 @@ def test_logs_and_tables_are_not_wrapped_when_stderr_and_stdout_are_files(tmp_pa
         subprocess.run([sys.executable, "-c", code], check=True, stderr=e, stdout=o)
     assert err.read_text().splitlines() == ["WARNING " + "w" * 300]
     assert any("/tmp/" + "r" * 200 in line for line in std.read_text().splitlines())
+
+
+def _fake_run(folder: Path, aug: str, seed: int, train_acc: float, test_acc: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"aug: {aug}\nseed: {seed}\nlimit: 5000\nepochs: 2\n")
+    rows = [{"epoch": e, "train_acc": train_acc, "test_images": 2000, "epoch_time_s": 10.0} for e in (1, 2)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "eval.json").write_text(json.dumps({"clean": {"top1": test_acc, "n": 10000}}))
+
+
+def test_the_sweep_summary_checks_the_three_conditions(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from regime_sweep import read_run, summarise_point
+
+    runs_dir = tmp_path / "n5000-e2" / "runs"
+    # none over-fits (98% train, 70% test); cutout beats it by 2, 3 and 4 points (paired interval above 0)
+    for seed, (n_test, c_test) in enumerate([(0.70, 0.72), (0.71, 0.74), (0.69, 0.73)]):
+        _fake_run(runs_dir / f"n{seed}", "none", seed, 0.98, n_test)
+        _fake_run(runs_dir / f"c{seed}", "cutout", seed, 0.90, c_test)
+    runs = [read_run(r) for r in sorted(runs_dir.iterdir())]
+    point = summarise_point(runs, idle_rate=1000.0)
+    assert point["overfits"] and point["none"]["gap"]["mean"] == pytest.approx(28.0)
+    assert point["cutout_minus_none"]["diff"] == pytest.approx(3.0) and point["cutout_beats_none"]
+    # 10,000 training samples + a third of (2,000 + 10,000) evaluated images at 1,000 images/s
+    assert point["idle_run_s_estimate"] == pytest.approx((10_000 + 12_000 / 3) / 1000)
+    assert point["meets_all"]
+    # a baseline that does not reach 97% train accuracy fails the first condition, and so all three
+    assert not summarise_point([dict(r, train_acc=0.9) if r["aug"] == "none" else r for r in runs], 1000.0)["meets_all"]
