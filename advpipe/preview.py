@@ -14,7 +14,6 @@ from typing import Any, Mapping
 import torch
 
 from advpipe.augment.base import AugmentContext, build_augment
-from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.streaming import attack_mask_source
@@ -56,11 +55,9 @@ def preview_augment(name: str, ds: DatasetSplit, *, n: int = 16, masks: str | No
     if "attack_mask" in augment.needs_side or masks:
         attack_mask = attack_mask_source(masks, ds, torch.device("cpu"))(index)
         side["attack_mask"] = attack_mask
-    batch = Batch(images, ds.labels[:n], index, side)
-    gen = torch.Generator().manual_seed(seed)
-    out = augment(batch, gen)
-    keep = ~(out.images != images).any(1)
-    return Preview(images, attack_mask, keep, out.images)
+    out = augment(images, side=side, generator=torch.Generator().manual_seed(seed))
+    keep = ~(out != images).any(1)
+    return Preview(images, attack_mask, keep, out)
 
 
 def save_preview(preview: Preview, path: str | Path, title: str) -> Path:

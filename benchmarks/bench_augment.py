@@ -132,7 +132,6 @@ def train_step_ratio(device: torch.device, steps: int, batch: int = 128) -> dict
     import torch.nn.functional as F
 
     from advpipe.augment.base import AugmentContext, build_augment
-    from advpipe.data.batch import Batch
     from advpipe.models.normalize import Normalized
     from advpipe.models.registry import create_model
 
@@ -144,11 +143,11 @@ def train_step_ratio(device: torch.device, steps: int, batch: int = 128) -> dict
     images = torch.rand(batch, 3, 32, 32, generator=g, device=device)
     labels = torch.randint(0, 10, (batch,), generator=g, device=device)
     masks = attack_like_masks(batch, seed=3).to(device)
-    base = Batch(images, labels, torch.arange(batch, device=device), {"attack_mask": masks})
+    side = {"attack_mask": masks}
 
     def step(augment: bool) -> None:
-        b = aug(base, g) if augment else base
-        loss = F.cross_entropy(model(b.images), b.labels)
+        x = aug(images, side=side, generator=g) if augment else images
+        loss = F.cross_entropy(model(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 import advpipe.augment  # noqa: F401  (registers every augmentation)
-from advpipe.augment.advmask import (SquareMasks, advmask_defaults, apply_squares, sample_squares, square_boxes,
-                                     squares_to_keep)
+from advpipe.augment.advmask import (DEFAULT_MAX_CANDIDATES, SquareMasks, advmask_defaults, apply_squares,
+                                     sample_squares, square_boxes, squares_to_keep)
 from advpipe.augment.base import AugmentContext, build_augment
 from advpipe.augment.occlusion import (boxes_keep, cutout_size, gridmask_defaults, gridmask_keep, hide_and_seek_keep,
                                        sample_cutout, sample_gridmask, sample_hide_and_seek, sample_random_erasing)
 from advpipe.augment.points import harris_points, random_points
-from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
 from advpipe.data.loader import DeviceLoader
 from advpipe.errors import AdvpipeError
@@ -169,6 +168,10 @@ def test_numba_and_torch_backends_agree_exactly(fallback, settings):
     b = sample_squares(masks, generator=gen(11), fallback=fallback, backend="numba", **settings)
     for field in ("keep", "squares", "valid", "fallback_used", "p", "o"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
+    # the keep mask is exactly what the small parameters describe (the squares, and the fallback grid)
+    keep = squares_to_keep(b.squares, b.valid, 32, 32)
+    assert torch.equal(b.keep, keep & gridmask_keep(b.grid, 32, 32) if fallback == "gridmask" else keep)
+    assert (b.grid is not None) == (fallback == "gridmask")
 
 
 def test_squares_to_keep_paints_clipped_squares():
@@ -309,13 +312,12 @@ def test_cutout_square_size_and_clipping():
     assert len({tuple(b) for b in boxes.tolist()}) > 100  # a separate square per image
     keep = boxes_keep(boxes, 32, 32)
     assert torch.equal((~keep).flatten(1).sum(1), sides.prod(1))
-    ctx = lambda name, size=(32, 32): AugmentContext(name, size, 10, MEAN)  # noqa: E731
-    assert (cutout_size(ctx("cifar10")), cutout_size(ctx("cifar100")), cutout_size(ctx("folder", (64, 64)))) == \
+    assert (cutout_size("cifar10", (32, 32)), cutout_size("cifar100", (32, 32)), cutout_size("folder", (64, 64))) == \
         (16, 8, 32)
 
 
 def test_random_erasing_follows_zhong_et_al():
-    params = sample_random_erasing(2000, 3, 32, 32, generator=gen(1))
+    params = sample_random_erasing(2000, 32, 32, generator=gen(1))
     boxes, erase = params["boxes"], params["erase"]
     assert abs(erase.float().mean().item() - 0.5) < 0.05
     h, w = (boxes[:, 2] - boxes[:, 0]).float(), (boxes[:, 3] - boxes[:, 1]).float()
@@ -327,10 +329,18 @@ def test_random_erasing_follows_zhong_et_al():
     assert len({tuple(b) for b in boxes[e].tolist()}) > 500
     images = torch.rand(4, 3, 32, 32, generator=gen(2))
     aug = build_augment("random-erasing", AugmentContext("cifar10", (32, 32), 10, MEAN), prob=1.0)
-    p = aug.sample(Batch(images, torch.zeros(4, dtype=torch.long), torch.arange(4)), gen(3))
+    p = aug.sample(images, generator=gen(3))
     out = aug.apply(images, p)
     inside = ~boxes_keep(p["boxes"], 32, 32)[:, None].expand_as(images)
     assert torch.equal(out[inside], p["fill"][inside]) and torch.equal(out[~inside], images[~inside])
+    # fill="mean" draws no noise: the parameters stay small and the generator moves on less
+    mean = build_augment("random-erasing", AugmentContext("cifar10", (32, 32), 10, MEAN), prob=1.0, fill="mean")
+    g_mean, g_noise = gen(3), gen(3)
+    q = mean.sample(images, generator=g_mean)
+    aug.sample(images, generator=g_noise)
+    assert set(q) == {"boxes", "erase"} and torch.equal(q["boxes"], p["boxes"])
+    assert not torch.equal(g_mean.get_state(), g_noise.get_state())
+    assert torch.equal(mean.apply(images, q)[inside], torch.tensor(MEAN)[None, :, None, None].expand_as(images)[inside])
 
 
 def test_hide_and_seek_hides_whole_patches():
@@ -401,7 +411,7 @@ def test_cp_corners_are_found_before_the_crop_and_follow_it():
     aug = build("advmask-cp")
     assert set(aug.own_side) == {"corner_mask"}
     batch = next(iter(DeviceLoader(ds, batch_size=n, seed=0, pad=4, flip=True, side=aug.own_side, workers=0)))
-    points = aug.point_masks(batch, torch.arange(n), gen(0))
+    points = aug.point_masks(batch.images, batch.side, torch.arange(n), gen(0))
     assert torch.equal(points, batch.side["corner_mask"])
     padding = (batch.images == 0).all(1)  # the image itself has no black pixel
     near_padding = torch.nn.functional.max_pool2d(padding[:, None].float(), 5, 1, 2)[:, 0] > 0  # within 2 px
@@ -421,10 +431,11 @@ def test_cp_corners_are_found_before_the_crop_and_follow_it():
 # ---------------------------------------------------------------------- registered augmentations
 
 
-def make_batch(n: int = 16, dtype: torch.dtype = torch.float32, seed: int = 0) -> Batch:
+def make_batch(n: int = 16, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Images and their side data (``attack_mask``)."""
     images = torch.rand(n, 3, 32, 32, generator=gen(seed)).to(dtype)
     masks = blob_masks(n, seed=seed) if n else torch.zeros(0, 32, 32, dtype=torch.bool)
-    return Batch(images, torch.zeros(n, dtype=torch.long), torch.arange(n), {"attack_mask": masks})
+    return images, {"attack_mask": masks}
 
 
 def build(name: str, epochs: int = 4) -> object:
@@ -436,23 +447,24 @@ def build(name: str, epochs: int = 4) -> object:
 def test_advmask_needs_attack_masks():
     aug = build("advmask")
     assert aug.needs_side == ("attack_mask",)
-    batch = make_batch(4)
-    with pytest.raises(AdvpipeError):
-        aug(Batch(batch.images, batch.labels, batch.index), gen(0))
+    images, _ = make_batch(4)
+    with pytest.raises(AdvpipeError, match="needs attack masks"):
+        aug(images, generator=gen(0))
+    with pytest.raises(AdvpipeError, match="attack masks have shape"):
+        aug(images, attack_masks=torch.zeros(4, 16, 16, dtype=torch.bool), generator=gen(0))
     assert build("advmask-rp").needs_side == () and build("aapm").needs_side == ("attack_mask",)
 
 
 def test_advmask_defaults_by_dataset():
-    ctx = lambda name, size=(32, 32): AugmentContext(name, size, 10, MEAN)  # noqa: E731
-    assert advmask_defaults(ctx("cifar10")) == ((2, 15), (0.2, 0.4), 0.1)
-    assert advmask_defaults(ctx("synthetic")) == ((2, 15), (0.2, 0.4), 0.1)
-    assert advmask_defaults(ctx("cifar100")) == ((5, 20), (0.06, 0.5), 0.2)
-    assert advmask_defaults(ctx("folder", (64, 64))) == ((4, 30), (0.2, 0.4), 0.1)
+    assert advmask_defaults("cifar10", (32, 32)) == ((2, 15), (0.2, 0.4), 0.1)
+    assert advmask_defaults("synthetic", (32, 32)) == ((2, 15), (0.2, 0.4), 0.1)
+    assert advmask_defaults("cifar100", (32, 32)) == ((5, 20), (0.06, 0.5), 0.2)
+    assert advmask_defaults("folder", (64, 64)) == ((4, 30), (0.2, 0.4), 0.1)
 
 
 def test_advmask_incremental_schedule():
     epochs, b = 5, 10
-    batch = make_batch(b, seed=1)
+    images, side = make_batch(b, seed=1)
     g = gen(13)
     # the schedule is shared by AdvMask and its ablations; AAPM makes the many draws cheap
     aug = build_augment("aapm", AugmentContext("cifar10", (32, 32), 10, MEAN, epochs=epochs), prob_max=0.8,
@@ -460,26 +472,32 @@ def test_advmask_incremental_schedule():
     for e in range(epochs):
         aug.set_epoch(e, epochs)
         want = 0.8 * min(1.0, (e + 1) / 4)
-        counts = [int(aug.sample(batch, g)["selected"].sum()) for _ in range(100)]
+        counts = [int(aug.sample(images, side=side, generator=g)["selected"].sum()) for _ in range(100)]
         assert set(counts) <= {math.floor(want * b), math.ceil(want * b)}  # exact per batch, up to rounding
+        assert aug.epoch_metrics()["fraction_augmented"] == 0.0  # sampling alone gathers no statistics
+        for _ in range(100):
+            aug(images, side=side, generator=g)  # a call does
         assert aug.epoch_metrics()["fraction_augmented"] == pytest.approx(want, abs=0.03)
         assert aug.epoch_metrics()["fraction_augmented"] == 0.0  # reset
     adv = build_augment("advmask", AugmentContext("cifar10", (32, 32), 10, MEAN, epochs=epochs), prob_max=0.8)
     adv.set_epoch(epochs - 1, epochs)
-    params = [adv.sample(batch, g) for _ in range(4)]
+    params = [adv.sample(images, side=side, generator=g) for _ in range(4)]
+    for p in params:
+        adv(images, side=side, generator=g)
+        keep = adv.keep(p, 32, 32)
+        assert keep[~p["selected"]].all() and not p["valid"][~p["selected"]].any()
+        assert not keep[p["selected"]].all(2).all(1).any()
+        assert p["squares"].shape[:2] == p["valid"].shape and p["squares"].shape[1] <= DEFAULT_MAX_CANDIDATES
     metrics = adv.epoch_metrics()
     assert metrics["fraction_augmented"] == pytest.approx(0.8)
     assert 0.2 <= metrics["mean_masked_ratio"] <= 0.4 and metrics["fallback_rate"] < 0.2
-    for p in params:
-        assert p["keep"][~p["selected"]].all()
-        assert not p["keep"][p["selected"]].all(2).all(1).any()
 
 
 def test_aapm_occludes_exactly_the_attack_points():
     aug = build_augment("aapm", AugmentContext("cifar10", (32, 32), 10, MEAN), prob_max=1.0)
-    batch = make_batch(6)
-    params = aug.sample(batch, gen(0))
-    assert params["selected"].all() and torch.equal(params["keep"], ~batch.side["attack_mask"])
+    images, side = make_batch(6)
+    params = aug.sample(images, side=side, generator=gen(0))
+    assert params["selected"].all() and torch.equal(aug.keep(params, 32, 32), ~side["attack_mask"])
 
 
 def test_box_extent_is_the_one_rasterizer_of_end_exclusive_boxes():
@@ -491,3 +509,18 @@ def test_box_extent_is_the_one_rasterizer_of_end_exclusive_boxes():
     expected = torch.zeros(2, 4, 6, dtype=torch.bool)
     expected[0, 1:3, 2:5] = True
     assert torch.equal(covered, expected)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("advmask", {"prob_max": 1.0}), ("advmask", {"prob_max": 1.0, "fallback": "gridmask"}),
+    ("advmask-rp", {"prob_max": 1.0}), ("advmask-cp", {"prob_max": 1.0}), ("cutout", {}), ("hide-and-seek", {}),
+    ("gridmask", {})])
+def test_parameters_are_small_not_image_sized_masks(name, options):
+    """Boxes, patch bits, grid offsets and square lists: no (B,H,W) mask travels from sample to apply."""
+    aug = build_augment(name, AugmentContext("cifar10", (32, 32), 10, MEAN), **options)
+    images, side = make_batch(16)
+    params = aug.sample(images, side=side, generator=gen(0))
+    assert max(value[0].numel() for value in params.values()) < 32 * 32 // 4, {k: v.shape for k, v in params.items()}
+    # a call is exactly: sample, then occlude with the keep mask those parameters describe
+    out = aug(images, side=side, generator=gen(0))
+    assert torch.equal(out, apply_squares(images, aug.keep(params, 32, 32), MEAN))

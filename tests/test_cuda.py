@@ -20,7 +20,7 @@ from helpers.checkpoints import fit_checkpoint
 from helpers.stores import assert_same_store
 from test_augment import blob_masks, mixed_masks
 from test_streaming import write_store
-from advpipe.augment import greedy_cpu
+from advpipe.augment import greedy_numba
 from advpipe.augment.advmask import sample_squares
 from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
@@ -89,7 +89,7 @@ def test_torch_kernel_equals_the_cpu_scan_on_the_same_draws(device, n, fallback,
     assert ours.keep.device.type == device
     draws.replay()
     # the compiled scan where numba imports (the CPU default), else the same rounds on the CPU
-    cpu = sample_squares(masks, generator=torch.Generator(), backend="numba" if greedy_cpu.AVAILABLE else "torch",
+    cpu = sample_squares(masks, generator=torch.Generator(), backend="numba" if greedy_numba.AVAILABLE else "torch",
                          **settings)
     assert not draws.draws, "the CPU scan drew fewer numbers than the torch rounds"
     for field in ("keep", "squares", "valid", "fallback_used", "p", "o"):

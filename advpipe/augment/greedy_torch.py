@@ -11,7 +11,7 @@ candidate per image are counted on a coverage bitmap (16 columns per int32 word,
 table). Finished images leave the working set, so late rounds touch only the few images still growing.
 
 The random draws come from :func:`advpipe.augment.squares.sample_squares`; everything here is
-deterministic, and gives exactly what the numba scan (:mod:`advpipe.augment.greedy_cpu`) gives.
+deterministic, and gives exactly what the numba scan (:mod:`advpipe.augment.greedy_numba`) gives.
 """
 
 from __future__ import annotations

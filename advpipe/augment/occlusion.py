@@ -5,10 +5,12 @@
 - ``hide-and-seek``: Singh & Lee, "Hide-and-Seek", ICCV 2017.
 - ``gridmask``: Chen et al., "GridMask Data Augmentation", arXiv:2001.04086.
 
-Each kernel is a ``sample_*`` function that draws every image's own parameters on the device with an
-explicit generator, plus a pure function turning those parameters into a keep mask (or, for random
-erasing, into the erased images). Occluded pixels take the dataset mean, which is zero after the
-model's normalization, as in the reference implementations that occlude normalized tensors.
+Each kernel is a ``sample_*`` function that draws every image's own small parameters (boxes, patch
+bits, grid offsets) on the device with an explicit generator, plus a pure function turning those
+parameters into a keep mask (or, for random erasing, into the erased images). Each class is both the
+``--aug`` augmentation and the public object (``advpipe.Cutout()``...). Occluded pixels take the
+dataset mean, which is zero after the model's normalization, as in the reference implementations
+that occlude normalized tensors.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, box_extent, occlude
-from advpipe.data.batch import Batch
+from advpipe.augment.base import AUGMENTS, InputAugment, Occlusion, box_extent
 from advpipe.errors import AdvpipeError
 from advpipe.rng import generator_for
 
@@ -27,14 +28,9 @@ from advpipe.rng import generator_for
 _CIFAR100 = ("cifar100",)
 
 
-def resolve_generator(generator: torch.Generator | None, device: torch.device | str | None) -> torch.Generator:
-    """The given generator (checked to be on ``device``), or a fresh default-seeded one; never the global RNG."""
-    return generator_for(device, generator)
-
-
-def dataset_scale(ctx: AugmentContext) -> float:
-    """Factor from 32x32 CIFAR pixel sizes to this context's image size (shorter side / 32)."""
-    return min(ctx.image_size) / 32.0
+def dataset_scale(image_size: Sequence[int]) -> float:
+    """Factor from 32x32 CIFAR pixel sizes to an (H, W) image size (shorter side / 32)."""
+    return min(image_size) / 32.0
 
 
 def scaled(value: float, scale: float, minimum: int = 1) -> int:
@@ -56,21 +52,6 @@ def _uniform_int(low: torch.Tensor | int, high: torch.Tensor | int, shape: tuple
     return (torch.as_tensor(low, device=u.device) + (u * span).floor().long().clamp(max=span - 1)).long()
 
 
-class _KeepAugment(InputAugment):
-    """An augmentation whose parameters describe a keep mask; occluded pixels take the dataset mean."""
-
-    def __init__(self, ctx: AugmentContext) -> None:
-        self.mean = tuple(ctx.mean)
-
-    def keep(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
-        """Turn sampled parameters into a (B,H,W) bool keep mask."""
-        raise NotImplementedError
-
-    def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Fill the pixels the parameters occlude with the dataset mean."""
-        return occlude(images, self.keep(params, images.shape[-2], images.shape[-1]), self.mean)
-
-
 # ---------------------------------------------------------------------------------------------- cutout
 
 
@@ -81,7 +62,7 @@ def sample_cutout(batch_size: int, height: int, width: int, size: int, *, genera
     Returns ``boxes`` (B,4) long (row0, col0, row1, col1), end-exclusive; the square covers
     ``centre - size//2 .. centre - size//2 + size - 1`` before clipping.
     """
-    generator = resolve_generator(generator, device)
+    generator = generator_for(device, generator)
     centre = _uniform_int(0, torch.tensor([height - 1, width - 1]), (batch_size, 2), generator, device)
     start = centre - size // 2
     lim = torch.tensor([height, width], device=centre.device)
@@ -90,57 +71,54 @@ def sample_cutout(batch_size: int, height: int, width: int, size: int, *, genera
     return {"boxes": torch.cat([lo, hi], 1)}
 
 
-class Cutout(_KeepAugment):
-    """Cutout: one square of side ``size`` per image at a uniformly random centre, clipped at the border."""
+class Cutout(Occlusion):
+    """Cutout (DeVries & Taylor 2017): one ``size`` x ``size`` square per image at a uniform centre, clipped.
 
-    def __init__(self, ctx: AugmentContext, size: int) -> None:
-        super().__init__(ctx)
-        self.size = size
+    ``size`` defaults to 16 on CIFAR-10, 8 on CIFAR-100, scaled to ``image_size`` (see :func:`cutout_size`).
+    """
 
-    def sample(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw each image's square."""
-        b, _, h, w = batch.images.shape
-        return sample_cutout(b, h, w, self.size, generator=generator, device=batch.images.device)
+    def __init__(self, size: int | None = None, **common: Any) -> None:
+        super().__init__(**common)
+        self.size = cutout_size(self.dataset, self.image_size) if size is None else int(size)
+        if self.size < 1:
+            raise AdvpipeError(f"cutout: size must be >= 1, got {size}")
+
+    def make_params(self, images: torch.Tensor, side: Mapping[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Draw each image's square: ``boxes`` (B,4)."""
+        b, _, h, w = images.shape
+        return sample_cutout(b, h, w, self.size, generator=generator, device=images.device)
 
     def keep(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
         """False inside each image's square."""
         return boxes_keep(params["boxes"], height, width)
 
 
-def cutout_size(ctx: AugmentContext) -> int:
-    """Default Cutout side: 16 on CIFAR-10-like data, 8 on CIFAR-100, scaled to the image size."""
-    base = 8 if ctx.dataset in _CIFAR100 else 16
-    return scaled(base, dataset_scale(ctx))
+def cutout_size(dataset: str, image_size: Sequence[int]) -> int:
+    """Default Cutout side: 16 on CIFAR-10-like data, 8 on CIFAR-100, scaled to the (H, W) image size."""
+    return scaled(8 if dataset in _CIFAR100 else 16, dataset_scale(image_size))
 
 
-@AUGMENTS.register("cutout")
-def _cutout(ctx: AugmentContext, *, size: int | None = None) -> InputAugment:
-    """Build Cutout for ``ctx``; ``size`` defaults by dataset (see :func:`cutout_size`)."""
-    size = cutout_size(ctx) if size is None else int(size)
-    if size < 1:
-        raise AdvpipeError(f"cutout: size must be >= 1, got {size}")
-    return Cutout(ctx, size)
+AUGMENTS.register("cutout", Cutout)
 
 
 # -------------------------------------------------------------------------------------- random erasing
 
 
-def sample_random_erasing(batch_size: int, channels: int, height: int, width: int, *, prob: float = 0.5,
+def sample_random_erasing(batch_size: int, height: int, width: int, *, prob: float = 0.5,
                           area: Sequence[float] = (0.02, 0.4), aspect: Sequence[float] = (0.3, 1 / 0.3),
                           attempts: int = 10, generator: torch.Generator | None = None,
-                          device: torch.device | str | None = None,
-                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Draw Random Erasing parameters (Zhong et al., Alg. 1), a separate rectangle per image.
+                          device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Draw Random Erasing rectangles (Zhong et al., Alg. 1), a separate one per image.
 
     With probability ``prob`` an image is erased: target area ``S_e ~ U[area]`` times the image
     area, aspect ``r_e ~ U[aspect]``, ``h = round(sqrt(S_e r_e))``, ``w = round(sqrt(S_e / r_e))``;
     the rectangle must fit strictly inside the image (``h < H``, ``w < W``, as in the reference
     code). Instead of their open-ended retry loop every image gets ``attempts`` vectorized draws and
     keeps its first that fits; images with none skip erasing. The top-left corner is uniform over
-    the valid positions. Returns ``boxes`` (B,4), ``erase`` (B,) bool and ``fill`` (B,C,H,W)
-    uniform random values in [0,1) (the paper's random-value fill).
+    the valid positions. Returns ``boxes`` (B,4) and ``erase`` (B,) bool.
     """
-    generator = resolve_generator(generator, device)
+    generator = generator_for(device, generator)
     u = torch.rand(batch_size, attempts, 2, generator=generator, device=device)
     target = (area[0] + (area[1] - area[0]) * u[..., 0]) * (height * width)
     ratio = aspect[0] + (aspect[1] - aspect[0]) * u[..., 1]
@@ -154,47 +132,48 @@ def sample_random_erasing(batch_size: int, channels: int, height: int, width: in
     top = _uniform_int(0, (height - h).clamp(min=0), (batch_size,), generator, device)
     left = _uniform_int(0, (width - w).clamp(min=0), (batch_size,), generator, device)
     erase = found & (torch.rand(batch_size, generator=generator, device=device) < prob)
-    fill = torch.rand(batch_size, channels, height, width, generator=generator, device=device).to(dtype)
-    return {"boxes": torch.stack([top, left, top + h, left + w], 1), "erase": erase, "fill": fill}
+    return {"boxes": torch.stack([top, left, top + h, left + w], 1), "erase": erase}
 
 
 class RandomErasing(InputAugment):
-    """Random Erasing: with probability ``prob`` replace one random rectangle per image by noise (or the mean)."""
+    """Random Erasing (Zhong et al., AAAI 2020, Alg. 1): with probability ``prob`` one random rectangle per image.
 
-    def __init__(self, ctx: AugmentContext, prob: float, area: tuple[float, float], aspect: tuple[float, float],
-                 attempts: int, fill: str) -> None:
-        self.mean = tuple(ctx.mean)
-        self.prob, self.area, self.aspect, self.attempts, self.fill = prob, area, aspect, attempts, fill
+    Target area ``U[area]`` of the image, aspect ``U[aspect]``; ``fill="random"`` (per-pixel noise
+    in [0,1), the paper: drawn as the parameter ``fill`` (B,C,H,W)) or ``"mean"``. Unlike
+    torchvision's (one rectangle per batch), every image draws its own.
+    """
 
-    def sample(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw each image's rectangle, whether it is erased and its fill values."""
-        b, c, h, w = batch.images.shape
-        params = sample_random_erasing(b, c, h, w, prob=self.prob, area=self.area, aspect=self.aspect,
-                                       attempts=self.attempts, generator=generator, device=batch.images.device,
-                                       dtype=batch.images.dtype)
-        if self.fill == "mean":
-            params["fill"] = torch.as_tensor(self.mean, dtype=batch.images.dtype,
-                                             device=batch.images.device).view(1, -1, 1, 1).expand(b, c, h, w)
+    def __init__(self, prob: float = 0.5, *, area: Sequence[float] = (0.02, 0.4),
+                 aspect: Sequence[float] = (0.3, 1 / 0.3), attempts: int = 10, fill: str = "random",
+                 **common: Any) -> None:
+        super().__init__(**common)
+        self.area, self.aspect = _pair(area, "random-erasing: area"), _pair(aspect, "random-erasing: aspect")
+        if not 0 <= prob <= 1 or not 0 < self.area[0] <= self.area[1] <= 1 or not 0 < self.aspect[0] <= self.aspect[1]:
+            raise AdvpipeError(f"random-erasing: bad prob/area/aspect {prob!r}, {area!r}, {aspect!r}")
+        if fill not in ("random", "mean") or int(attempts) < 1:
+            raise AdvpipeError(f"random-erasing: fill must be 'random' or 'mean' and attempts >= 1, "
+                               f"got {fill!r}, {attempts!r}")
+        self.prob, self.attempts, self.fill = float(prob), int(attempts), fill
+
+    def make_params(self, images: torch.Tensor, side: Mapping[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Draw each image's rectangle and whether it is erased, and for ``fill="random"`` the noise."""
+        b, c, h, w = images.shape
+        params = sample_random_erasing(b, h, w, prob=self.prob, area=self.area, aspect=self.aspect,
+                                       attempts=self.attempts, generator=generator, device=images.device)
+        if self.fill == "random":
+            params["fill"] = torch.rand(b, c, h, w, generator=generator, device=images.device).to(images.dtype)
         return params
 
     def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Replace the erased rectangles by their fill values."""
         inside = ~boxes_keep(params["boxes"], images.shape[-2], images.shape[-1]) & params["erase"][:, None, None]
-        return torch.where(inside[:, None], params["fill"].to(images.dtype), images)
+        fill = params["fill"].to(images.dtype) if self.fill == "random" else \
+            torch.as_tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        return torch.where(inside[:, None], fill, images)
 
 
-@AUGMENTS.register("random-erasing")
-def _random_erasing(ctx: AugmentContext, *, prob: float = 0.5, area: Sequence[float] = (0.02, 0.4),
-                    aspect: Sequence[float] = (0.3, 1 / 0.3), attempts: int = 10, fill: str = "random") -> InputAugment:
-    """Build Random Erasing with Zhong et al.'s defaults (p 0.5, area 0.02-0.4, aspect 0.3-3.33, random fill)."""
-    area_t = _pair(area, "random-erasing: area")
-    aspect_t = _pair(aspect, "random-erasing: aspect")
-    if not 0 <= prob <= 1 or not 0 < area_t[0] <= area_t[1] <= 1 or not 0 < aspect_t[0] <= aspect_t[1]:
-        raise AdvpipeError(f"random-erasing: bad prob/area/aspect {prob!r}, {area!r}, {aspect!r}")
-    if fill not in ("random", "mean") or int(attempts) < 1:
-        raise AdvpipeError(f"random-erasing: fill must be 'random' or 'mean' and attempts >= 1, "
-                           f"got {fill!r}, {attempts!r}")
-    return RandomErasing(ctx, float(prob), area_t, aspect_t, int(attempts), fill)
+AUGMENTS.register("random-erasing", RandomErasing)
 
 
 # --------------------------------------------------------------------------------------- hide-and-seek
@@ -210,7 +189,7 @@ def sample_hide_and_seek(batch_size: int, height: int, width: int, grid_sizes: S
     hidden with probability ``hide_prob``. ``hidden`` (B,R,C) bool holds the bits on the grid of the
     smallest non-zero size, so one tensor serves every image (coarser grids use its top-left part).
     """
-    generator = resolve_generator(generator, device)
+    generator = generator_for(device, generator)
     choices = torch.as_tensor(list(grid_sizes), dtype=torch.long, device=device)
     size = choices[_uniform_int(0, len(grid_sizes) - 1, (batch_size,), generator, device)]
     finest = min([s for s in grid_sizes if s > 0], default=max(height, width))
@@ -232,36 +211,36 @@ def hide_and_seek_keep(params: Mapping[str, torch.Tensor], height: int, width: i
     return ~(hide & (size > 0)[:, None, None])
 
 
-class HideAndSeek(_KeepAugment):
-    """Hide-and-Seek: per image, a random patch size and every patch hidden with probability ``hide_prob``."""
+class HideAndSeek(Occlusion):
+    """Hide-and-Seek (Singh & Lee, ICCV 2017): a grid of patches per image, each hidden with ``hide_prob``.
 
-    def __init__(self, ctx: AugmentContext, grid_sizes: tuple[int, ...], hide_prob: float) -> None:
-        super().__init__(ctx)
-        self.grid_sizes, self.hide_prob = grid_sizes, hide_prob
+    The patch size is drawn per image from ``grid_sizes`` (default {0, 4, 8, 16} on 32x32, scaled
+    to ``image_size``; 0 hides nothing).
+    """
 
-    def sample(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def __init__(self, grid_sizes: Sequence[int] | None = None, *, hide_prob: float = 0.5, **common: Any) -> None:
+        super().__init__(**common)
+        if grid_sizes is None:
+            grid_sizes = (0,) + tuple(scaled(s, dataset_scale(self.image_size)) for s in (4, 8, 16))
+        self.grid_sizes = tuple(int(s) for s in grid_sizes)
+        if not self.grid_sizes or min(self.grid_sizes) < 0 or not 0 <= hide_prob <= 1:
+            raise AdvpipeError(f"hide-and-seek: need non-negative grid sizes and 0 <= hide_prob <= 1, got "
+                               f"{grid_sizes!r}, {hide_prob!r}")
+        self.hide_prob = float(hide_prob)
+
+    def make_params(self, images: torch.Tensor, side: Mapping[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw each image's patch size and hide bits."""
-        b, _, h, w = batch.images.shape
+        b, _, h, w = images.shape
         return sample_hide_and_seek(b, h, w, self.grid_sizes, self.hide_prob, generator=generator,
-                                    device=batch.images.device)
+                                    device=images.device)
 
     def keep(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
         """False on hidden patches."""
         return hide_and_seek_keep(params, height, width)
 
 
-@AUGMENTS.register("hide-and-seek")
-def _hide_and_seek(ctx: AugmentContext, *, grid_sizes: Sequence[int] | None = None,
-                   hide_prob: float = 0.5) -> InputAugment:
-    """Build Hide-and-Seek; grid sizes default to {0,4,8,16} on 32x32, scaled to the image size."""
-    if grid_sizes is None:
-        scale = dataset_scale(ctx)
-        grid_sizes = (0,) + tuple(scaled(s, scale) for s in (4, 8, 16))
-    sizes = tuple(int(s) for s in grid_sizes)
-    if not sizes or min(sizes) < 0 or not 0 <= hide_prob <= 1:
-        raise AdvpipeError(f"hide-and-seek: need non-negative grid sizes and 0 <= hide_prob <= 1, got "
-                           f"{grid_sizes!r}, {hide_prob!r}")
-    return HideAndSeek(ctx, sizes, float(hide_prob))
+AUGMENTS.register("hide-and-seek", HideAndSeek)
 
 
 # -------------------------------------------------------------------------------------------- gridmask
@@ -282,13 +261,21 @@ def sample_gridmask(batch_size: int, height: int, width: int, *, d_range: Sequen
     radians ~ U{0..rotate-1} degrees (their ``rotate=1`` means none); ``use`` (B,) ~ Bernoulli(prob).
     ``ratio`` is carried as ``ratio`` (B,) for :func:`gridmask_keep`.
     """
-    generator = resolve_generator(generator, device)
+    generator = generator_for(device, generator)
     d = _uniform_int(int(d_range[0]), int(d_range[1]), (batch_size,), generator, device)
     offset = (torch.rand(batch_size, 2, generator=generator, device=d.device) * d[:, None]).floor().long()
     degrees = _uniform_int(0, max(int(rotate), 1) - 1, (batch_size,), generator, device)
     use = torch.rand(batch_size, generator=generator, device=d.device) < prob
     return {"d": d, "offset": offset, "angle": degrees.float() * (math.pi / 180), "use": use,
             "ratio": torch.full((batch_size,), float(ratio), device=d.device)}
+
+
+def gridmask_off(batch_size: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """GridMask parameters that remove nothing (``use`` False), with the dtypes of :func:`sample_gridmask`'s."""
+    zeros = torch.zeros(batch_size, device=device)
+    return {"d": torch.ones(batch_size, dtype=torch.long, device=device),
+            "offset": torch.zeros(batch_size, 2, dtype=torch.long, device=device), "angle": zeros,
+            "use": torch.zeros(batch_size, dtype=torch.bool, device=device), "ratio": zeros}
 
 
 def gridmask_keep(params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
@@ -317,44 +304,45 @@ def linear_ramp(maximum: float, epoch: int, warmup: int) -> float:
     return maximum * min(1.0, (epoch + 1) / warmup) if warmup > 0 else maximum
 
 
-class GridMask(_KeepAugment):
-    """GridMask with its probability schedule: epoch e applies it with ``prob * min(1, (e + 1) / warmup)``."""
+class GridMask(Occlusion):
+    """GridMask (Chen et al. 2020) with its CIFAR settings and probability ramp (call :meth:`set_epoch`).
 
-    def __init__(self, ctx: AugmentContext, d_range: tuple[int, int], ratio: float, rotate: int, prob: float,
-                 warmup_epochs: int | None) -> None:
-        super().__init__(ctx)
-        self.d_range, self.ratio, self.rotate, self.prob_max = d_range, ratio, rotate, prob
-        self.warmup_epochs = warmup_epochs
-        self.set_epoch(0, ctx.epochs)
+    Unit ``d ~ U{d}`` (default 24-32 on 32x32, scaled to ``image_size``), kept ``ratio`` 0.4,
+    applied with probability ``prob * min(1, (e + 1) / warmup)`` in epoch ``e`` (GridMask's
+    ``set_prob``; ``warmup_epochs`` defaults to the whole run).
+    """
+
+    def __init__(self, d: Sequence[int] | None = None, *, ratio: float = 0.4, rotate: int = 1, prob: float = 0.8,
+                 warmup_epochs: int | None = None, **common: Any) -> None:
+        super().__init__(**common)
+        self.d_range = _pair(d, "gridmask: d", cast=int) if d is not None else \
+            gridmask_defaults(*self.image_size)["d_range"]
+        if not 2 <= self.d_range[0] <= self.d_range[1] or not 0 < ratio < 1 or not 0 <= prob <= 1 or int(rotate) < 1:
+            raise AdvpipeError(f"gridmask: need 2 <= d_min <= d_max, 0 < ratio < 1, 0 <= prob <= 1, rotate >= 1; got "
+                               f"d={d!r}, ratio={ratio!r}, prob={prob!r}, rotate={rotate!r}")
+        if warmup_epochs is not None and int(warmup_epochs) < 0:
+            raise AdvpipeError(f"gridmask: warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        self.ratio, self.rotate, self.prob_max = float(ratio), int(rotate), float(prob)
+        self.warmup_epochs = None if warmup_epochs is None else int(warmup_epochs)
+        self.set_epoch(0, 1)
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """GridMask's ``set_prob`` schedule: the probability grows linearly to ``prob`` over the warmup epochs."""
         self.prob = linear_ramp(self.prob_max, epoch, self.warmup_epochs if self.warmup_epochs is not None else epochs)
 
-    def sample(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def make_params(self, images: torch.Tensor, side: Mapping[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw each image's grid."""
-        b, _, h, w = batch.images.shape
+        b, _, h, w = images.shape
         return sample_gridmask(b, h, w, d_range=self.d_range, ratio=self.ratio, rotate=self.rotate, prob=self.prob,
-                               generator=generator, device=batch.images.device)
+                               generator=generator, device=images.device)
 
     def keep(self, params: Mapping[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
         """False on the removed squares of the images that got GridMask."""
         return gridmask_keep(params, height, width)
 
 
-@AUGMENTS.register("gridmask")
-def _gridmask(ctx: AugmentContext, *, d: Sequence[int] | None = None, ratio: float = 0.4, rotate: int = 1,
-              prob: float = 0.8, warmup_epochs: int | None = None) -> InputAugment:
-    """Build GridMask with its CIFAR settings (d 24-32, ratio 0.4, prob 0.8 reached at the end of training)."""
-    h, w = ctx.image_size
-    d_range = _pair(d, "gridmask: d", cast=int) if d is not None else gridmask_defaults(h, w)["d_range"]
-    if not 2 <= d_range[0] <= d_range[1] or not 0 < ratio < 1 or not 0 <= prob <= 1 or int(rotate) < 1:
-        raise AdvpipeError(f"gridmask: need 2 <= d_min <= d_max, 0 < ratio < 1, 0 <= prob <= 1, rotate >= 1; got "
-                           f"d={d!r}, ratio={ratio!r}, prob={prob!r}, rotate={rotate!r}")
-    if warmup_epochs is not None and int(warmup_epochs) < 0:
-        raise AdvpipeError(f"gridmask: warmup_epochs must be >= 0, got {warmup_epochs!r}")
-    return GridMask(ctx, d_range, float(ratio), int(rotate), float(prob),
-                    None if warmup_epochs is None else int(warmup_epochs))
+AUGMENTS.register("gridmask", GridMask)
 
 
 def _pair(value: Any, what: str, cast: type = float) -> tuple[Any, Any]:

@@ -2,7 +2,7 @@
 
 All return a (B,H,W) bool mask of points on the images' device:
 
-- :func:`attack_points`: the sparse-attack points the loader attached to the batch (AdvMask itself, AAPM);
+- :func:`attack_points`: the sparse-attack points of the images' ``attack_mask`` side data (AdvMask itself, AAPM);
 - :func:`random_points`: points drawn uniformly without replacement over the image (RP);
 - :func:`harris_points`: the strongest Harris corners, computed on the device with Sobel convolutions (CP).
 
@@ -14,25 +14,27 @@ edges would add strong corners of their own.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 
-from advpipe.augment.occlusion import resolve_generator
-from advpipe.data.batch import Batch
 from advpipe.data.loader import FromImages
 from advpipe.errors import AdvpipeError
+from advpipe.rng import generator_for
 
 #: ITU-R BT.601 luma weights, used to turn RGB into the grey image corner detection works on
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def attack_points(batch: Batch) -> torch.Tensor:
-    """Return the batch's ``attack_mask`` side data as (B,H,W) bool, checking it matches the images."""
-    mask = batch.side.get("attack_mask")
+def attack_points(images: torch.Tensor, side: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Return ``side["attack_mask"]`` as (B,H,W) bool, checking it is there and matches the (B,C,H,W) images."""
+    mask = side.get("attack_mask")
     if mask is None:
-        raise AdvpipeError("this augmentation needs attack masks (batch.side['attack_mask']); "
-                           "run `advpipe masks` for the dataset first or choose another aug", fields=("aug",))
-    b, _, h, w = batch.images.shape
+        raise AdvpipeError("this augmentation needs attack masks: run `advpipe masks` for the dataset first or "
+                           "choose another aug (Python API: build it with masks=STORE and pass the images' dataset "
+                           "indices, or pass attack_masks=(B,H,W))", fields=("aug",))
+    b, _, h, w = images.shape
     if tuple(mask.shape) != (b, h, w):
         raise AdvpipeError(f"attack masks have shape {tuple(mask.shape)}, expected {(b, h, w)} for these images")
     return mask.bool()
@@ -42,7 +44,7 @@ def random_points(batch_size: int, height: int, width: int, num_points: int, *,
                   generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Draw ``num_points`` distinct pixels per image uniformly at random; return a (B,H,W) bool mask."""
     n = height * width
-    generator = resolve_generator(generator, device)
+    generator = generator_for(device, generator)
     if num_points >= n:
         return torch.ones(batch_size, height, width, dtype=torch.bool, device=device)
     keys = torch.rand(batch_size, n, generator=generator, device=device)

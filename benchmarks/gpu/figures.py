@@ -79,7 +79,7 @@ def train_step_ratio(device: torch.device, *, model: str, batch: int, blocks: in
     base = Batch(images, labels, torch.arange(batch, device=device), {"attack_mask": masks})
 
     def step(augment: bool) -> None:
-        b = aug(base, g) if augment else base
+        b = base.replace(images=aug(base.images, side=base.side, generator=g)) if augment else base
         with autocast_context(device, precision):
             loss = method.step(net, b, g)["loss"]
         opt.zero_grad(set_to_none=True)

@@ -11,40 +11,41 @@ from typing import Any, Mapping
 
 import torch
 
-from advpipe.augment.base import AugmentContext, InputAugment, occlude
+from advpipe.augment.base import Occlusion, occlude
 from advpipe.augment.occlusion import linear_ramp
-from advpipe.data.batch import Batch
+from advpipe.augment.points import attack_points
 from advpipe.errors import AdvpipeError
 
 
-class IncrementalOcclusion(InputAugment):
+class IncrementalOcclusion(Occlusion):
     """Base of AdvMask-style augmentations with the paper's incremental schedule (Sec. IV-B).
 
     In 0-based epoch ``e`` of a ``warmup``-epoch ramp, a fraction ``f = prob_max * min(1, (e+1)/warmup)``
     of every batch is occluded: ``floor(f * B + u)`` samples with ``u ~ U[0,1)`` (unbiased for any
     batch size), chosen uniformly without replacement with the generator. Subclasses implement
-    :meth:`occlusion` for the chosen samples.
+    :meth:`occlusion` (the chosen samples' parameters) and :meth:`keep`. Calls (``aug(images, ...)``)
+    gather the statistics :meth:`epoch_metrics` reports; :meth:`sample` and :meth:`apply` alone do not.
     """
 
-    def __init__(self, ctx: AugmentContext, prob_max: float, warmup_epochs: int | None) -> None:
+    def __init__(self, prob_max: float, warmup_epochs: int | None, **common: Any) -> None:
+        super().__init__(**common)
         if not 0.0 <= prob_max <= 1.0:
             raise AdvpipeError(f"prob_max must be in [0, 1], got {prob_max!r}")
         if warmup_epochs is not None and int(warmup_epochs) < 1:
             raise AdvpipeError(f"warmup_epochs must be >= 1, got {warmup_epochs!r}")
-        self.mean = tuple(ctx.mean)
         self.prob_max = float(prob_max)
         self.warmup_epochs = None if warmup_epochs is None else int(warmup_epochs)
         self.fraction = 0.0
-        self.set_epoch(0, ctx.epochs)
+        self.set_epoch(0, 1)
         self._stats: dict[str, Any] = {}
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Set the fraction of each batch to occlude for 0-based ``epoch`` of ``epochs``."""
         self.fraction = linear_ramp(self.prob_max, epoch, self.warmup_epochs or epochs)
 
-    def occlusion(self, batch: Batch, index: torch.Tensor,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (keep (n,H,W) bool, fallback_used (n,) bool) for the batch rows in ``index``."""
+    def occlusion(self, images: torch.Tensor, side: Mapping[str, torch.Tensor], index: torch.Tensor,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """(B, ...) parameters that occlude the rows in ``index`` and nothing else, with ``fallback_used`` (B,)."""
         raise NotImplementedError
 
     def select(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -53,24 +54,21 @@ class IncrementalOcclusion(InputAugment):
         rank = u[:batch_size].argsort().argsort()
         return rank < (self.fraction * batch_size + u[batch_size]).floor()
 
-    def sample(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Pick the samples to occlude and draw their keep masks; others keep every pixel."""
-        b, _, h, w = batch.images.shape
-        dev = batch.images.device
-        selected = self.select(b, generator, dev)
-        keep = torch.ones(b, h, w, dtype=torch.bool, device=dev)
-        fallback = torch.zeros(b, dtype=torch.bool, device=dev)
-        index = selected.nonzero().squeeze(1)
-        if len(index):
-            sub_keep, sub_fallback = self.occlusion(batch, index, generator)
-            keep = keep.index_copy(0, index, sub_keep)
-            fallback = fallback.index_copy(0, index, sub_fallback)
-        self._record(selected, keep, fallback)
-        return {"keep": keep, "selected": selected, "fallback_used": fallback}
+    def make_params(self, images: torch.Tensor, side: Mapping[str, torch.Tensor],
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Pick the samples to occlude (``selected`` (B,)) and draw their parameters; others keep every pixel."""
+        if "attack_mask" in self.needs_side:
+            attack_points(images, side)  # checked on every step, even one that occludes nothing
+        selected = self.select(len(images), generator, images.device)
+        return {"selected": selected, **self.occlusion(images, side, selected.nonzero().squeeze(1), generator)}
 
-    def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Occlude with the sampled keep masks (the dataset mean fills occluded pixels, Eq. 7)."""
-        return occlude(images, params["keep"], self.mean)
+    def __call__(self, images: torch.Tensor, indices: Any = None, *, side: Mapping[str, torch.Tensor] | None = None,
+                 attack_masks: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample, record this batch's statistics, and occlude (the dataset mean fills occluded pixels, Eq. 7)."""
+        params = self.sample(images, indices, side=side, attack_masks=attack_masks, generator=generator)
+        keep = self.keep(params, images.shape[-2], images.shape[-1])
+        self._record(params["selected"], keep, params["fallback_used"])
+        return occlude(images, keep, self.mean)
 
     def _record(self, selected: torch.Tensor, keep: torch.Tensor, fallback: torch.Tensor) -> None:
         # summed on the device so training never waits for a host sync per batch

@@ -1,12 +1,12 @@
 """The AdvMask greedy square scan compiled for the CPU with numba (the CPU backend of ``sample_squares``).
 
-The batched torch scan in :mod:`advpipe.augment.advmask` runs one round of about 30 small tensor ops
-per accepted square; on a CPU each op costs microseconds whatever its size, which caps it near
-20,000 masks/s on two cores. The scan itself is tiny per image (at most K candidates, each tested
-against the few squares already accepted and counted on a HxW coverage map), so compiled, it takes
-a few microseconds per image (about 7 µs per CIFAR mask all told, benchmarks/README.md). All randomness is drawn in torch before the scan and the scan is
-deterministic, so both backends return identical squares for the same generator state (the tests
-check this).
+The batched torch scan in :mod:`advpipe.augment.greedy_torch` runs one round of about 30 small
+tensor ops per accepted square; on a CPU each op costs microseconds whatever its size, which caps it
+near 20,000 masks/s on two cores. The scan itself is tiny per image (at most K candidates, each
+tested against the few squares already accepted and counted on a HxW coverage map), so compiled, it
+takes a few microseconds per image (about 7 µs per CIFAR mask all told, benchmarks/README.md). All
+randomness is drawn in torch before the scan and the scan is deterministic, so both backends return
+identical squares for the same generator state (the tests check this).
 
 numba compiles the scan on first use (about a second; cached on disk afterwards). Without numba the
 torch scan is used.
@@ -26,7 +26,7 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 
 def _greedy(masks: np.ndarray, u: np.ndarray, side: np.ndarray, o: np.ndarray, target: np.ndarray,
             t_max: int, squares: np.ndarray, n_acc: np.ndarray, covered: np.ndarray, keep: np.ndarray) -> None:
-    """Per image: visit the points in shuffled order, accept squares greedily, write the outputs (see greedy_cpu)."""
+    """Per image: visit the points in shuffled order, accept squares greedily, write the outputs (see greedy_scan)."""
     n_img, h, w = masks.shape
     flat = masks.reshape(n_img, h * w)
     k = side.shape[1]
@@ -86,16 +86,6 @@ def _greedy(masks: np.ndarray, u: np.ndarray, side: np.ndarray, o: np.ndarray, t
         covered[b] = total
 
 
-def _count(masks: np.ndarray, counts: np.ndarray) -> None:
-    """Points per image of (B,H,W) bool masks, into ``counts``."""
-    for b in range(masks.shape[0]):
-        n = 0
-        for r in range(masks.shape[1]):
-            for c in range(masks.shape[2]):
-                n += masks[b, r, c]
-        counts[b] = n
-
-
 _compiled: dict = {}
 
 
@@ -108,14 +98,7 @@ def _kernel(func):
     return _compiled[func]
 
 
-def count_points(points: torch.Tensor) -> torch.Tensor:
-    """Number of True pixels per image of (B,H,W) bool CPU masks, (B,) long."""
-    counts = np.zeros(points.shape[0], np.int64)
-    _kernel(_count)(points.contiguous().numpy(), counts)
-    return torch.from_numpy(counts)
-
-
-def greedy_cpu(points: torch.Tensor, u: torch.Tensor, side: torch.Tensor, o: torch.Tensor, target: torch.Tensor,
+def greedy_scan(points: torch.Tensor, u: torch.Tensor, side: torch.Tensor, o: torch.Tensor, target: torch.Tensor,
                t_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy AdvMask squares on CPU tensors; return squares (B,k,3), accepted counts (B,), covered pixels (B,), keep.
 
