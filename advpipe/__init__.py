@@ -50,7 +50,7 @@ _EXPORTS = {
     "precompute_masks": "advpipe.pipeline.objects",
     # models and data
     "Normalized": "advpipe.models.normalize",
-    "create_model": "advpipe.models.registry",
+    "create_model": "advpipe.api.models",
     "list_models": "advpipe.models.registry",
     "register_model": "advpipe.models.registry",
     "load_model": "advpipe.api.models",

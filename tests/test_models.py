@@ -240,3 +240,18 @@ def test_shake_shake_randomness() -> None:
     model(torch.randn(4, 3, 16, 16)).logsumexp(1).sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_timm_and_torchvision_prefixes() -> None:
+    torch.manual_seed(0)
+    model = create_model("timm:resnet10t", 7, image_size=64).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    # torchvision:NAME reaches the torchvision model that a registered CIFAR name shadows: 7x7 stem
+    assert create_model("torchvision:resnet18", 10).conv1.kernel_size == (7, 7)
+    with pytest.raises(AdvpipeError, match="unknown timm model 'resnet19x'"):
+        create_model("timm:resnet19x", 10)
+    with pytest.raises(AdvpipeError, match="names no timm model"):
+        create_model("timm:", 10)
+    with pytest.raises(AdvpipeError, match="unknown torchvision model"):
+        create_model("torchvision:resnet20", 10)

@@ -43,6 +43,22 @@ def max_checkpoint_bytes() -> int:
     return int(text)
 
 
+def check_weights_file(path: Path, what: str = "checkpoint") -> None:
+    """Refuse (AdvpipeError) a missing, non-regular or oversized file before anything reads it."""
+    try:
+        st = path.stat()  # follows a symlink: the file it names is what would be read
+    except FileNotFoundError:
+        raise AdvpipeError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as exc:  # a name over 255 bytes, a loop of symlinks, ...
+        raise AdvpipeError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, /dev/zero never ends
+        raise AdvpipeError(f"{what} {str(path)!r} is not a regular file")
+    limit = max_checkpoint_bytes()
+    if st.st_size > limit:
+        raise AdvpipeError(f"{what} {str(path)!r} is {st.st_size / 2**30:.1f} GiB, over the "
+                           f"{limit / 2**30:.1f} GiB limit for checkpoints ({MAX_CHECKPOINT_ENV} raises it)")
+
+
 def builtin_checkpoints() -> list[str]:
     """Names of the checkpoints shipped in the package (``builtin:<name>``)."""
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.pt"))
@@ -80,6 +96,8 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
     #: free provenance (recipe, commit, ...) of a published checkpoint; optional in the file
     info: dict[str, Any] = field(default_factory=dict)
+    #: the ResNet stem was adapted for small inputs (``--small-stem``); optional in the file
+    small_stem: bool = False
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
@@ -101,6 +119,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "model_state": ckpt.model_state,
         "state": ckpt.state,
         "info": ckpt.info,
+        "small_stem": ckpt.small_stem,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -110,18 +129,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate an advpipe checkpoint (a path or ``builtin:<name>``); anything else raises AdvpipeError."""
     path = resolve_checkpoint(path)
-    try:
-        st = path.stat()  # follows a symlink: the file it names is what would be read
-    except FileNotFoundError:
-        raise AdvpipeError(f"checkpoint {str(path)!r} does not exist") from None
-    except OSError as exc:  # a name over 255 bytes, a loop of symlinks, ...
-        raise AdvpipeError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block forever, /dev/zero never ends
-        raise AdvpipeError(f"checkpoint {str(path)!r} is not a regular file")
-    limit = max_checkpoint_bytes()
-    if st.st_size > limit:
-        raise AdvpipeError(f"checkpoint {str(path)!r} is {st.st_size / 2**30:.1f} GiB, over the "
-                           f"{limit / 2**30:.1f} GiB limit for checkpoints ({MAX_CHECKPOINT_ENV} raises it)")
+    check_weights_file(path, "checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -145,6 +153,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             method=_typed(payload, "method", str),
             state=_typed(payload, "state", dict),
             info=_typed({"info": payload.get("info", {})}, "info", dict),
+            small_stem=_typed({"small_stem": payload.get("small_stem", False)}, "small_stem", bool),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AdvpipeError(f"{path} is a damaged advpipe checkpoint: {exc}") from exc

@@ -26,3 +26,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (Normalized, nn.parallel.DistributedDataParallel)):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model.model
     return model
+
+
+def normalization_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) of the :class:`Normalized` wrapper around ``model`` (inside DDP), or None without one."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if not isinstance(model, Normalized):
+        return None
+    return tuple(model.mean.flatten().tolist()), tuple(model.std.flatten().tolist())

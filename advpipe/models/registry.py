@@ -4,7 +4,9 @@ Every factory has the signature ``factory(num_classes, image_size) -> nn.Module`
 model mapping normalized (B,3,H,W) float images to (B,num_classes) raw logits (normalization is
 a separate wrapper). Names not registered here fall back to torchvision's classification
 models, always built with ``weights=None``; registered CIFAR models take precedence over the
-torchvision models of the same name (``resnet18/34/50``, ``vgg11/13/16/19``).
+torchvision models of the same name (``resnet18/34/50``, ``vgg11/13/16/19``), which
+``torchvision:resnet18`` names explicitly. ``timm:NAME`` builds any timm model
+(:mod:`advpipe.models.external`); pretrained weights are loaded by :mod:`advpipe.models.pretrained`.
 
 Example::
 
@@ -20,6 +22,8 @@ from typing import Callable
 from torch import nn
 
 from advpipe.errors import AdvpipeError
+from advpipe.models.external import (adapt_small_stem, create_timm, create_torchvision, split_arch,
+                                     torchvision_names)
 from advpipe.models.resnet import BasicBlock, Bottleneck, HeResNet, ResNet
 from advpipe.models.shake_shake import ShakeShakeNet
 from advpipe.models.vgg import VGG
@@ -57,56 +61,56 @@ def list_models(*, include_torchvision: bool = False) -> list[str]:
     """Return the registered model names, sorted (optionally with torchvision's names too)."""
     names = set(MODELS.names())
     if include_torchvision:
-        names |= set(_torchvision_names())
+        names |= set(torchvision_names())
     return sorted(names)
 
 
-def create_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
+def create_model(name: str, num_classes: int, image_size: int = 32, *, small_stem: bool = False) -> nn.Module:
     """Build model ``name`` with fresh weights for ``num_classes`` classes and square inputs.
 
+    ``name`` is a registered name, a torchvision name, ``torchvision:NAME`` or ``timm:NAME``.
+    ``small_stem`` adapts a ResNet stem for small inputs (:func:`~advpipe.models.external.adapt_small_stem`).
     Raises AdvpipeError for unknown names (listing the choices) and invalid sizes.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise AdvpipeError(f"num_classes must be a positive integer, got {num_classes!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise AdvpipeError(f"image_size must be a positive integer, got {image_size!r}")
-    if name not in MODELS and name in _torchvision_names():
-        import torchvision
-
+    library, bare = split_arch(name)
+    if library == "timm":
+        model = create_timm(bare, num_classes)
+    elif library == "torchvision" or (name not in MODELS and name in torchvision_names()):
         # weights=None: never download; torchvision then initialises the model itself
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    try:
-        factory = MODELS.get(name)
-    except AdvpipeError as err:
-        raise AdvpipeError(
-            f"{err}; or any torchvision classification model "
-            "(torchvision.models.list_models(module=torchvision.models))"
-        ) from err
-    return factory(num_classes, image_size)
+        model = create_torchvision(bare, num_classes)
+    else:
+        try:
+            factory = MODELS.get(name)
+        except AdvpipeError as err:
+            raise AdvpipeError(
+                f"{err}; or any torchvision classification model "
+                "(torchvision.models.list_models(module=torchvision.models)), or timm:NAME for any timm model"
+            ) from err
+        model = factory(num_classes, image_size)
+    return adapt_small_stem(model, name) if small_stem else model
 
 
 def feature_layer_name(model_name: str) -> str:
     """Return the attribute name of ``model_name``'s last residual stage (VGG: ``features``).
 
     A-FAN (Sec. 4, "the last block") perturbs this module's output. torchvision ResNet/ResNeXt/
-    Wide-ResNet names map to ``layer4``; other models raise AdvpipeError.
+    Wide-ResNet names (also as ``torchvision:``/``timm:``) map to ``layer4``; other models raise AdvpipeError.
     """
     if model_name in _FEATURE_LAYERS:
         return _FEATURE_LAYERS[model_name]
-    if model_name not in MODELS and model_name in _torchvision_names():
-        if model_name.startswith(_TORCHVISION_LAYER4):
+    library, bare = split_arch(model_name)
+    if library != "advpipe" or (model_name not in MODELS and model_name in torchvision_names()):
+        if bare.startswith(_TORCHVISION_LAYER4):  # timm's ResNets name their stages as torchvision does
             return "layer4"
-    supported = sorted(_FEATURE_LAYERS) + [f"torchvision {p}*" for p in _TORCHVISION_LAYER4]
+    libraries = ("torchvision ", "timm:")
+    supported = sorted(_FEATURE_LAYERS) + [f"{lib}{p}*" for lib in libraries for p in _TORCHVISION_LAYER4]
     raise AdvpipeError(
         f"no known feature layer for model {model_name!r}; supported: {', '.join(supported)}"
     )
-
-
-def _torchvision_names() -> list[str]:
-    """torchvision's classification model names (imported lazily: it is slow to import)."""
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _check_size(name: str, image_size: int, minimum: int) -> None:
