@@ -8,14 +8,14 @@ from rich.console import Console
 from advpipe import __version__
 import sys
 
-from advpipe.cli_util import echo, plain_width, setup_logging
+from advpipe.cli_util import OneLineUsageGroup, echo, plain_width, setup_logging
 
 app = typer.Typer(help="advpipe: adversarial attacks as data augmentation (AdvMask masks, AdvProp, A-FAN, M2AT, "
                        "M-TLAT, occlusion baselines).", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False, rich_markup_mode=None)
+                  pretty_exceptions_enable=False, rich_markup_mode=None, cls=OneLineUsageGroup)
 out = Console(width=plain_width(sys.stdout))  # tables keep their natural width in files
 
-DataOpt = typer.Option(None, "--data", help="Dataset: embedded (default), cifar10, cifar100, folder, synthetic.")
+DataOpt = typer.Option(None, "--data", help="Dataset: embedded (default), cifar10, cifar100, folder, tinyimagenet, flowers102, flowers102-random[:SEED], synthetic.")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding the data (default $ADVPIPE_DATA_DIR or ./data).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import logging
 import sys
@@ -11,12 +12,18 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from advpipe import progress
 from advpipe.commands.flags import with_flags
 from advpipe.errors import AdvpipeError
+
+try:  # typer >= 0.20 ships its own copy of click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,6 +139,53 @@ class LogReporter:
 def make_reporter() -> RichReporter | LogReporter:
     """Rich bars on a terminal, periodic plain lines otherwise."""
     return RichReporter() if console.is_terminal else LogReporter()
+
+
+class OneLineUsageGroup(TyperGroup):
+    """The command group: a usage error (unknown option, bad value, missing option) is one ``error:`` line, exit 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the CLI; typer's multi-line usage box is replaced by :func:`usage_error_line`."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # a bare group: its help, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            console.print(f"[red]error:[/red] {escape(usage_error_line(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except click_errors.ClickException as exc:
+            console.print(f"[red]error:[/red] {escape(_one_line(exc.format_message()))}", highlight=False,
+                          soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            console.print("aborted", highlight=False)
+            sys.exit(1)
+        # a finished command returns None; typer.Exit(code) comes back as its int code
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
+def usage_error_line(exc: Any) -> str:
+    """One line for a click usage error: what is wrong, the closest flag for an unknown one, and where help is."""
+    ctx = exc.ctx
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    if isinstance(exc, click_errors.NoSuchOption):
+        names = [o for p in (ctx.command.get_params(ctx) if ctx is not None else []) for o in p.opts + p.secondary_opts
+                 if o.startswith("-")]
+        closest = list(exc.possibilities or []) or difflib.get_close_matches(exc.option_name, names, n=1, cutoff=0.0)
+        command = f" for '{ctx.command_path}'" if ctx is not None else ""
+        hint = f"; the closest is {closest[0]}" if closest else ""
+        return f"no such option {exc.option_name}{command}{hint}{where}"
+    return _one_line(exc.format_message()).rstrip(".") + where
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line, starting lower-case like the other ``error:`` lines."""
+    text = " ".join(message.split())
+    return text[:1].lower() + text[1:]
 
 
 def user_errors(func: F) -> F:

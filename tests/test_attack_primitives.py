@@ -10,7 +10,6 @@ from torch import nn
 
 from advpipe.attacks.dense import fgsm, mifgsm, pgd
 from advpipe.attacks.init_attack import INIT_ATTACKS, init_attack_kind
-from advpipe.attacks.losses import cross_entropy_loss
 from advpipe.attacks.primitives import (
     is_adversarial,
     l1_normalized,
@@ -18,7 +17,6 @@ from advpipe.attacks.primitives import (
     momentum_update,
     per_sample,
     project,
-    sign_ascent,
     sign_step,
     uniform_noise,
 )
@@ -163,10 +161,16 @@ def test_mtlat_per_sample_fgsm_is_targeted_fgsm_with_a_per_sample_eps() -> None:
     target = (torch.arange(B) + 1) % K
     eps = torch.linspace(0.0, 0.025, B)
     out = targeted_fgsm_per_sample(model, x, target, eps)
-    assert torch.equal(out, fgsm(model, x, target, eps=eps, targeted=True))
-    free = (x > 0.05) & (x < 0.95)
-    step = (out - x).abs()
-    torch.testing.assert_close(step[free], eps.view(-1, 1, 1, 1).expand_as(x)[free], rtol=0, atol=1e-6)
+    # m-tlat.txt Eq. (5), written out here: clip(x - eps_i sign(grad_x CE(f(x), target)), 0, 1)
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(leaf), target, reduction="sum"), leaf)
+    expected = (x - eps.view(-1, 1, 1, 1) * grad.sign()).clamp(0, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # a step towards the target lowers the targeted loss of every moved image (a flipped sign raises it)
+    with torch.no_grad():
+        before = nn.functional.cross_entropy(model(x), target, reduction="none")
+        after = nn.functional.cross_entropy(model(out), target, reduction="none")
+    assert after[0] == before[0] and (after[1:] < before[1:]).all(), (before, after)
 
 
 def test_feature_pgd_is_the_shared_loop_without_the_unit_box() -> None:
@@ -174,9 +178,15 @@ def test_feature_pgd_is_the_shared_loop_without_the_unit_box() -> None:
     head = nn.Sequential(nn.Linear(8, K))
     f, y = 4 * torch.randn(B, 8, generator=gen), torch.arange(B) % K
     delta = feature_pgd(head, f, y, eps=torch.tensor(0.2), steps=3, step_size=0.1)
-    expected = sign_ascent(lambda d: head(f + d), torch.zeros_like(f), y, bounds=(-0.2, 0.2), steps=3,
-                           step_size=0.1, loss_fn=cross_entropy_loss)
-    assert torch.equal(delta, expected)
+    # a-fan.txt Eq. (2), written out here: delta <- clip(delta + 0.1 sign(grad_delta CE(head(f + delta), y)), -0.2, 0.2)
+    expected = torch.zeros_like(f)
+    for _ in range(3):
+        leaf = expected.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(nn.functional.cross_entropy(head(f + leaf), y, reduction="sum"), leaf)
+        expected = (expected + 0.1 * grad.sign()).clamp(-0.2, 0.2)
+    torch.testing.assert_close(delta, expected, rtol=0, atol=1e-6)
+    with torch.no_grad():  # the perturbation raises the loss it ascends
+        assert nn.functional.cross_entropy(head(f + delta), y) > nn.functional.cross_entropy(head(f), y)
     assert delta.abs().max() <= 0.2 + 1e-7 and (delta.abs() > 0.19).any()
     assert ((f + delta) > 1).any()  # features are not clamped to [0,1]
     started = feature_pgd(head, f, y, eps=0.2, steps=1, step_size=0.01, random_start=True,

@@ -66,6 +66,55 @@ def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, n
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "--bogus"], ["--bogus", "the closest is --"]),
+        (["train", "--epochs", "abc"], ["--epochs", "integer", "train --help'"]),
+        (["evaluate"], ["--checkpoint"]),
+        (["masks", "info"], ["store"]),
+        (["train", "--aug"], ["--aug"]),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, needles):
+    """Unknown options, values of the wrong type and missing options: one ``error:`` line, not typer's usage box."""
+    result = run(*args)
+    _one_line_error(result, *needles)
+    assert "Usage:" not in result.output
+
+
+def _train_flags() -> set[str]:
+    import typer.main
+
+    train = typer.main.get_command(app).commands["train"]
+    return {opt for param in train.params for opt in param.opts + param.secondary_opts}
+
+
+def test_an_unknown_option_names_the_closest_valid_flag():
+    result = run("train", "--epoch", "3")
+    _one_line_error(result, "no such option --epoch", "the closest is --epochs")
+    named = run("train", "--bogus").output.split("the closest is ")[1].split()[0]
+    assert named in _train_flags(), named  # a real flag of that command, whatever the spelling
+    _one_line_error(run("--verbos", "info"), "the closest is --verbose")
+
+
+def test_usage_errors_are_one_line_from_a_real_process():
+    """The installed entry point (not only the test runner) prints one stderr line and exits 2."""
+    for args, flag in ((["train", "--bogus"], "--bogus"), (["train", "--epochs", "abc"], "--epochs"),
+                       (["evaluate"], "--checkpoint")):
+        proc = subprocess.run([sys.executable, "-m", "advpipe", *args], capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stdout, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], (args, proc.stderr)
+
+
+def test_help_still_works_for_the_group_and_each_command():
+    result = run("train", "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output and "--epochs" in result.output
+    assert run("masks", "verify", "--help").exit_code == 0
+    assert run("--help").exit_code == 0
+
+
 def test_non_writable_out_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

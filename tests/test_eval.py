@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,12 +248,31 @@ def test_result_provenance_and_progress(run: SimpleNamespace) -> None:
     assert "gaussian-noise s1" in run.progress and "occlusion s5" in run.progress
 
 
+def _without_timings(entry: Any) -> Any:
+    """``entry`` with every wall-clock field (``seconds``, ``images_per_s``) dropped, at any depth."""
+    if isinstance(entry, dict):
+        return {k: _without_timings(v) for k, v in entry.items() if k not in ("seconds", "images_per_s")}
+    if isinstance(entry, list):
+        return [_without_timings(v) for v in entry]
+    return entry
+
+
 def test_evaluation_is_reproducible_per_perturbation(run: SimpleNamespace) -> None:
-    # The same seed gives the same numbers, whichever other perturbations run alongside.
+    # The same seed gives the same numbers (top-1, per class, robustness, perturbation norms), whichever
+    # other perturbations run alongside and in whichever order.
     again = evaluate(EvalConfig(checkpoint=str(run.ckpt), limit=LIMIT, device="cpu", batch_size=128, seed=3,
-                                corruptions=("occlusion",), severities=(5,)))
-    assert again["corruptions"]["occlusion"]["severities"][0]["top1"] == \
-        run.result["corruptions"]["occlusion"]["severities"][1]["top1"]
+                                attacks=("cw:steps=5", "pgd:eps=8/255,steps=10"),
+                                corruptions=("occlusion", "gaussian-noise"), severities=(5,)))
+    first = run.result
+    assert _without_timings(again["clean"]) == _without_timings(first["clean"])
+    assert len(again["attacks"]) == 2 and set(again["attacks"]) <= set(first["attacks"])
+    for key, entry in again["attacks"].items():
+        assert _without_timings(entry) == _without_timings(first["attacks"][key]), key
+        assert len(entry["per_class"]) == 10 and entry["n"] == LIMIT
+    for name in ("occlusion", "gaussian-noise"):
+        (level,) = again["corruptions"][name]["severities"]
+        assert level["severity"] == 5 and len(level["per_class"]) == 10
+        assert _without_timings(level) == _without_timings(first["corruptions"][name]["severities"][1]), name
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -629,14 +629,26 @@ def test_adversarial_methods_are_more_robust_to_pgd_than_plain_training() -> Non
         assert robust > robust_plain + 0.08, (name, robust, robust_plain)
 
 
-def test_pgd_at_trains_on_the_pgd_examples_only() -> None:
-    from advpipe.attacks.dense import pgd
+def _madry_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """Madry et al.'s l_inf PGD written out independently of advpipe.attacks: random start, sign steps, clamps."""
+    low, high = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    adv = torch.max(torch.min(torch.rand(x.shape, generator=generator) * (2 * eps) - eps + x, high), low)
+    for _ in range(steps):
+        leaf = adv.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(leaf), y, reduction="sum"), leaf)
+        adv = torch.max(torch.min(adv + step * grad.sign(), high), low)
+    return adv.detach()
 
+
+def test_pgd_at_trains_on_the_pgd_examples_only() -> None:
     method = build_method("pgd-at", CTX, eps="8/255", steps=3, step_size="2/255")
     model, batch = _model().eval(), _batch()
     out = method.step(model, batch, torch.Generator().manual_seed(3))
-    x_adv = pgd(model, batch.images, batch.labels, eps=8 / 255, steps=3, step_size=2 / 255, random_start=True,
-                generator=torch.Generator().manual_seed(3))
-    expected = torch.nn.functional.cross_entropy(model(x_adv), batch.labels)
-    torch.testing.assert_close(out["loss"], expected)
+    x_adv = _madry_pgd(model, batch.images, batch.labels, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(3))
     assert (x_adv - batch.images).abs().max() <= 8 / 255 + 1e-6
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x_adv), batch.labels)
+        clean = F.cross_entropy(model(batch.images), batch.labels)
+    torch.testing.assert_close(out["loss"], expected)
+    assert out["loss"] > clean + 0.01  # it trains on examples that raise the loss, not on the clean images
