@@ -174,10 +174,56 @@ def init_from_generator(module: nn.Module, generator: torch.Generator) -> None:
                 raise TypeError(f"init_from_generator does not know how to initialise {type(sub).__name__}")
 
 
+#: bytes per linear-encoder parameter during an attack: the fp32 weight, its gradient and Adam's two moments
+LINEAR_BYTES_PER_PARAM = 16
+
+
+def linear_encoder_bytes(image_shape: tuple[int, int, int], batch_size: int, scope: str = "batch") -> int:
+    """Bytes the linear encoder holds during an attack: (C*H*W + 1) x H*W parameters (per image with scope image)."""
+    c, h, w = image_shape
+    copies = batch_size if scope == "image" else 1
+    return (c * h * w + 1) * h * w * copies * LINEAR_BYTES_PER_PARAM
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: CUDA's free memory, Linux's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_linear_fits(image_shape: tuple[int, int, int], batch_size: int, scope: str, device: torch.device) -> None:
+    """Refuse a linear encoder whose weights, gradient and Adam state exceed the memory free on ``device``.
+
+    At 3x224x224 it has 7.6G parameters (121 GB during an attack); allocating it would fail or
+    wake the out-of-memory killer only after the victim's clean pass.
+    """
+    need = linear_encoder_bytes(image_shape, batch_size, scope)
+    free = free_memory_bytes(torch.device(device))
+    if free is not None and need > free:
+        c, h, w = image_shape
+        params = need // LINEAR_BYTES_PER_PARAM
+        raise AdvpipeError(
+            f"encoder linear for {c}x{h}x{w} images needs {params / 1e9:.2f}G parameters, {need / 2**30:.1f} GiB "
+            f"with their gradient and Adam state, more than the {free / 2**30:.1f} GiB free on {device}; use encoder "
+            f"unet (the default above 32x32)" + (" or encoder_scope batch" if scope == "image" else ""),
+            fields=("encoder",))
+
+
 def _build_linear(image_shape: tuple[int, int, int], batch_size: int, scope: str, options: dict,
                   generator: torch.Generator, device: torch.device) -> nn.Module:
     if options:
         raise TypeError(f"linear encoder takes no options, got {sorted(options)}")
+    check_linear_fits(image_shape, batch_size, scope, device)
     return LinearEncoder(image_shape, batch_size, scope, generator, device)
 
 

@@ -26,6 +26,21 @@ from advpipe.errors import AdvpipeError
 #: images with at most this many pixels count as "small": linear encoder and alpha_max = 100
 SMALL_IMAGE_PIXELS = 32 * 32
 
+#: the paper's alpha_max per dataset (advmask.txt Sec. IV-B: "100 on CIFAR-10 and CIFAR-100, and 5 on
+#: Tiny-ImageNet and Oxford Flower Dataset"; embedded is a CIFAR-10 subset); the one place that says so.
+#: Any other dataset (folder, synthetic, user data) takes the image-size rule of :func:`default_alpha_max`.
+PAPER_ALPHA_MAX = {"cifar10": 100.0, "cifar100": 100.0, "embedded": 100.0,
+                   "tinyimagenet": 5.0, "flowers102": 5.0, "flowers102-random": 5.0}
+
+
+def default_alpha_max(image_shape: tuple[int, int, int], dataset: str | None = None) -> float:
+    """alpha_max of ``dataset`` (``NAME`` or ``NAME:OPTION``) in PAPER_ALPHA_MAX, else 100 up to 32x32 and 5 above."""
+    base = (dataset or "").partition(":")[0]
+    if base in PAPER_ALPHA_MAX:
+        return PAPER_ALPHA_MAX[base]
+    return 100.0 if image_shape[1] * image_shape[2] <= SMALL_IMAGE_PIXELS else 5.0
+
+
 #: the autocast dtypes of ``autocast_dtype``
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,8 +50,9 @@ class SparseAttackConfig:
     """Settings of :func:`sparse_attack`; defaults are justified in docs/attack.md.
 
     ``None`` means "derive from the image size or eps" (see :meth:`resolve`): ``beta`` and
-    ``init_step_size`` default to ``eps / 4``, ``alpha_max`` to 100 for images of at most 32x32
-    pixels and 5 above (advmask.txt Sec. IV-B), ``encoder="auto"`` to ``linear`` up to 32x32 and
+    ``init_step_size`` default to ``eps / 4``, ``alpha_max`` to the paper's value for the dataset
+    (:data:`PAPER_ALPHA_MAX`), else 100 for images of at most 32x32 pixels and 5 above (advmask.txt
+    Sec. IV-B), ``encoder="auto"`` to ``linear`` up to 32x32 and
     ``unet`` above (Sec. III-A a). Unknown keyword arguments raise TypeError.
     """
 
@@ -116,15 +132,15 @@ class SparseAttackConfig:
             if not isinstance(getattr(self, name), bool):
                 raise AdvpipeError(f"sparse attack {name} must be true or false, got {getattr(self, name)!r}")
 
-    def resolve(self, image_shape: tuple[int, int, int]) -> "SparseAttackConfig":
-        """Return a copy with every size- or eps-derived default made concrete for (C,H,W) images."""
+    def resolve(self, image_shape: tuple[int, int, int], dataset: str | None = None) -> "SparseAttackConfig":
+        """Return a copy with every size-, dataset- or eps-derived default made concrete for (C,H,W) images."""
         small = image_shape[1] * image_shape[2] <= SMALL_IMAGE_PIXELS
         eps = self.eps
         return dataclasses.replace(
             self,
             beta=eps / 4 if self.beta is None else self.beta,
             init_step_size=eps / 4 if self.init_step_size is None else self.init_step_size,
-            alpha_max=(100.0 if small else 5.0) if self.alpha_max is None else self.alpha_max,
+            alpha_max=default_alpha_max(image_shape, dataset) if self.alpha_max is None else self.alpha_max,
             encoder=("linear" if small else "unet") if self.encoder == "auto" else self.encoder,
         )
 

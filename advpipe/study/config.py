@@ -183,9 +183,18 @@ def _needs_masks(cfg: TrainConfig, source: str, rname: str) -> bool:
     from advpipe.train.compose import parse_aug
     from advpipe.train.methods import MethodContext, build_method
 
+    from advpipe.models.external import split_arch, torchvision_names
     from advpipe.models.registry import list_models
 
-    if cfg.model not in list_models(include_torchvision=True):
+    library, bare = split_arch(cfg.model)
+    if library == "timm":
+        import timm
+
+        known = timm.is_model(bare.split(".", 1)[0])
+    else:
+        known = (bare in torchvision_names()) if library == "torchvision" else \
+            cfg.model in list_models(include_torchvision=True)
+    if not known:
         raise _fail(source, f"run {rname}: unknown model {cfg.model!r}; see `advpipe info` for the choices")
     aug, method = parse_aug(cfg.aug)
     try:
