@@ -109,3 +109,24 @@ def test_the_sweep_summary_checks_the_three_conditions(tmp_path):
     assert point["meets_all"]
     # a baseline that does not reach 97% train accuracy fails the first condition, and so all three
     assert not summarise_point([dict(r, train_acc=0.9) if r["aug"] == "none" else r for r in runs], 1000.0)["meets_all"]
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tmp_path):
+    from advpipe.models.checkpoint import load_checkpoint, save_checkpoint
+    from advpipe.train.config import TrainConfig
+    from advpipe.train.loop import train
+    from advpipe.train.resume import run_state
+
+    cfg = TrainConfig(limit=128, epochs=2, batch_size=64, device="cpu", out=str(tmp_path / "r"))
+    train(TrainConfig(**{**cfg.to_dict(), "epochs": 1, "milestones": tuple(cfg.milestones)}))
+    last = tmp_path / "r" / "last.pt"
+    ckpt = load_checkpoint(last)
+    # an older advpipe wrote neither test_subset nor a newer field at its default (here: seed, default 0)
+    ckpt.config = {k: v for k, v in ckpt.config.items() if k not in ("test_subset", "seed", "epochs")}
+    ckpt.config["epochs"] = 2
+    save_checkpoint(last, ckpt)
+    state = run_state(cfg)
+    assert state.same_config and state.epochs_done == 1, state.differences
+    # a real difference is still one
+    assert run_state(TrainConfig(**{**cfg.to_dict(), "lr": 0.05, "milestones": tuple(cfg.milestones)})).differences == ("lr",)

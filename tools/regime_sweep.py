@@ -66,7 +66,7 @@ def summarise_point(runs: list[dict[str, Any]], idle_rate: float | None) -> dict
     if none and cutout:
         c = compare({s: 100 * r["test_acc"] for s, r in cutout.items()}, {s: 100 * r["test_acc"] for s, r in none.items()})
         out["cutout_minus_none"] = c.to_dict()
-        out["cutout_beats_none"] = c.ci_low is not None and c.ci_low > 0
+        out["cutout_beats_none"] = None if c.ci_low is None else c.ci_low > 0  # None: one seed, no interval
     samples = runs[0]["limit"] * runs[0]["epochs"]
     evals = (runs[0]["epochs"] - 1) * (runs[0]["test_images_per_epoch"] or 0) + runs[0]["test_images_final"]
     out["train_samples_per_run"] = samples

@@ -16,8 +16,9 @@ from advpipe.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-#: config fields that do not change what a run computes
-_NOT_THE_RUN = {"resume", "overwrite", "device", "workers", "data_dir", "out"}
+#: config fields that do not change what a run computes (test_subset: only which test images each
+#: epoch's monitoring figure uses; the last epoch is always evaluated on the full test set)
+_NOT_THE_RUN = {"resume", "overwrite", "device", "workers", "data_dir", "out", "test_subset"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ def run_state(cfg: TrainConfig) -> RunState:
     if not last.is_file():
         return RunState(0, True)
     done = load_checkpoint(last)
-    old = {k: v for k, v in done.config.items() if k not in _NOT_THE_RUN}
+    # a field the saved config lacks was added later: the run was computed with that field's default
+    defaults = TrainConfig().to_dict()
+    old = {k: v for k, v in {**defaults, **done.config}.items() if k not in _NOT_THE_RUN}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_THE_RUN}
     diff = tuple(sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)))
     return RunState(done.epoch, not diff, diff)
