@@ -14,9 +14,9 @@ from torch.utils.data import Dataset, TensorDataset
 import advpipe
 from advpipe.augment import AugmentContext, build_augment
 from advpipe.data.batch import Batch
-from advpipe.data.datasets import load_dataset
+from advpipe.data.datasets import CIFAR100_MEAN, load_dataset
 from advpipe.data.transforms import apply_crop_flip, sample_crop_flip
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, OverwriteRefused
 from advpipe.pipeline.chunks import chunk_seed
 from advpipe.pipeline.store import open_store, sample_hash
 from advpipe.pipeline.streaming import ResidentMasks
@@ -90,7 +90,7 @@ def test_check_data_accepts_the_data_and_refuses_another_order(ds, store) -> Non
     masks = advpipe.open_masks(store)
     masks.check_data(TensorDataset(ds.images, ds.labels))
     masks.check_data((ds.images.float() / 255, ds.labels))  # float images hash as their uint8 levels
-    with pytest.raises(AdvpipeError, match="do not match the store by content hash"):
+    with pytest.raises(AdvpipeError, match="samples do not match the data by content hash"):
         masks.check_data((ds.images.flip(0), ds.labels))
     with pytest.raises(AdvpipeError, match="16 images"):
         masks.check_data((ds.images[:16], ds.labels[:16]))
@@ -121,7 +121,7 @@ def test_public_advmask_equals_the_internal_augmentation(ds, store, device) -> N
     def gen() -> torch.Generator:
         return torch.Generator(device=dev).manual_seed(3)
 
-    expected = internal(batch, gen()).images
+    expected = internal(batch.images, side=batch.side, generator=gen())  # as the training loop calls it
     for masks in (advpipe.open_masks(store), str(store), torch.from_numpy(open_store(store).read_masks(0, N))):
         aug = advpipe.AdvMask(masks, **options, mean=ds.mean)
         aug.set_epoch(2, 4)
@@ -142,8 +142,9 @@ def test_public_advmask_equals_the_internal_augmentation(ds, store, device) -> N
 def test_baselines_equal_the_internal_kernels(ds, cls, name) -> None:
     x = ds.images[:16].float() / 255
     internal = build_augment(name, AugmentContext("cifar10", (32, 32), 10, ds.mean, epochs=1))
-    expected = internal(Batch(x, ds.labels[:16], torch.arange(16)), _gen()).images
+    expected = internal(x, generator=_gen())
     aug = cls(mean=ds.mean)
+    assert type(aug) is type(internal) is cls  # one class serves the training loop and the public API
     assert torch.equal(aug(x, generator=_gen()), expected) and not torch.equal(expected, x)
     params = aug.sample(x, generator=_gen())
     assert torch.equal(aug.apply(x, params), expected)  # sample, then apply, replays
@@ -161,8 +162,12 @@ def test_create_augmentation_by_name_and_options(ds) -> None:
     rp = advpipe.AdvMask(points="random", num_points=50, prob_max=1.0)  # the RP ablation needs no masks
     assert (rp(x, generator=_gen()) != x).any()
     cifar100 = advpipe.AdvMask(dataset="cifar100")
-    assert cifar100.augmentation.l_range == (5, 20) and cifar100.augmentation.mean == advpipe.api.augment.CIFAR100_MEAN
-    assert advpipe.Cutout(image_size=64).augmentation.size == 32  # paper pixels scale with the image
+    assert cifar100.l_range == (5, 20) and cifar100.mean == CIFAR100_MEAN
+    assert advpipe.Cutout(image_size=64).size == 32  # paper pixels scale with the image
+    assert advpipe.AdvMask is advpipe.augment.advmask.AdvMask and advpipe.Cutout is advpipe.augment.occlusion.Cutout
+    with pytest.warns(DeprecationWarning, match="create_augmentation"):
+        old = advpipe.Augmentation("cutout", size=8)  # the old wrapper's name, for one release
+    assert torch.equal(old(x, generator=_gen()), out)
 
 
 def test_incremental_schedule_occludes_the_scheduled_fraction(ds, store) -> None:
@@ -251,8 +256,10 @@ def test_precompute_from_objects_writes_the_cli_store(ds, tmp_path) -> None:
     again = advpipe.precompute_masks(model, (ds.images[:16], ds.labels[:16]), res.path, attack=attack,
                                      name="embedded", **RUN)
     assert (again.chunks_run, again.chunks_already_done) == (0, 2)
-    with pytest.raises(AdvpipeError, match="complete and immutable.*overwrite=True"):
+    # a typed refusal that names the field (the CLI writes it --overwrite), no rewritten message (issue 24)
+    with pytest.raises(OverwriteRefused, match="complete and immutable.*pass overwrite to recompute") as refused:
         advpipe.precompute_masks(_model(seed=1), (ds.images[:16], ds.labels[:16]), res.path, attack=attack, **RUN)
+    assert refused.value.fields == ("overwrite",)
 
 
 def test_precompute_from_objects_resumes_after_a_failure(ds, tmp_path, monkeypatch) -> None:

@@ -24,7 +24,7 @@ from helpers.checkpoints import fit_checkpoint
 from helpers.sharing import BUCKET, http_server, s3_server, silent_server, tiny_store
 from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, DamagedStore
 from advpipe.pipeline import remote
 from advpipe.pipeline.location import Location
 from advpipe.pipeline.manifest import MANIFEST_KEY, PUBLISHED_KEY, digest_of, encode_manifest, sha256_hex
@@ -136,8 +136,8 @@ def test_precompute_publish_train_pinned_then_a_replaced_chunk_is_refused(world)
         if key != "zarr.json":  # the summary goes up with the forged manifest, below
             world["client"].put_object(Bucket=BUCKET, Key=f"chain/embedded.zarr/{key}", Body=data)
     assert verify_store(url, digest=None, fingerprint=None) != []  # the manifest still lists the old bytes
-    unpinned = open_store(url)
-    assert unpinned.read_masks(0, CHUNK).shape == (CHUNK, 32, 32)  # checksums and rows alone cannot tell
+    with pytest.raises(DamagedStore, match="object 'masks/c/0/0/0' differs from manifest"):
+        open_store(url).read_masks(0, CHUNK)  # unpinned, the store's own manifest still refuses it (issue 24)
 
     refused = cli(*train_args(world, url, "run-refused", "--masks-digest", digest))
     one_error_line(refused, digest, "masks/c/0/0/0")
@@ -152,6 +152,7 @@ def test_precompute_publish_train_pinned_then_a_replaced_chunk_is_refused(world)
     world["client"].put_object(Bucket=BUCKET, Key="chain/embedded.zarr/zarr.json", Body=changed["zarr.json"])
     world["client"].put_object(Bucket=BUCKET, Key=f"chain/embedded.zarr/{MANIFEST_KEY}", Body=forged_manifest)
     assert verify_store(url) == []  # consistent in itself
+    assert open_store(url).read_masks(0, CHUNK).shape == (CHUNK, 32, 32)  # checksums, rows, manifest cannot tell
     refused = cli(*train_args(world, f"{url}#sha256={digest[7:]}", "run-refused-2"))
     one_error_line(refused, digest_of(forged_manifest), f"differs from the pinned {digest}")
 

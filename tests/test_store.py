@@ -21,7 +21,7 @@ import zarr
 import pytest
 import torch
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, DamagedStore, OverwriteRefused
 from advpipe.pipeline.codecs import METRICS, pack_masks
 from advpipe.pipeline.store import (
     MaskStoreWriter,
@@ -189,8 +189,11 @@ def test_config_change_refused_then_overwrite_replaces(tmp_path: Path, data: dic
         writer.finalize()
     assert open_store(path).provenance["attack"]["eps"] == "16/255"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or trash left behind
-    with pytest.raises(AdvpipeError, match="complete and immutable"):
+    with pytest.raises(OverwriteRefused, match="complete and immutable; pass overwrite to recompute it") as refused:
         new(path, provenance=provenance(eps="16/255"))
+    # typed, naming the field (the CLI writes --overwrite), and kept so across processes (dask workers)
+    again = pickle.loads(pickle.dumps(refused.value))
+    assert type(again) is OverwriteRefused and again.fields == ("overwrite",) and str(again) == str(refused.value)
     with new(path, provenance=provenance(eps="16/255"), overwrite=True) as writer:
         assert writer.pending_chunks() == [0, 1, 2]
 
@@ -301,7 +304,11 @@ def test_verify_names_corrupt_truncated_and_missing_chunks(complete_store: Path)
     assert any(p.startswith("object 'l2/c/2' is 7 bytes") for p in problems)
     assert any(p.startswith("object 'masks/c/1/0/0' differs from manifest sha256:") for p in problems)
     assert len(problems) == 6, problems
-    with pytest.raises(AdvpipeError, match=r"array 'masks' rows \[100, 101\) are unreadable .*checksum"):
+    # readers check every object against the manifest as they read it, before decoding
+    with pytest.raises(DamagedStore, match=r"object 'masks/c/1/0/0' differs from manifest sha256:"):
+        open_store(complete_store).read_masks(100, 101)
+    (complete_store / "advpipe.manifest.json").unlink()  # without one, the chunk's own checksum still catches it
+    with pytest.raises(DamagedStore, match=r"array 'masks' rows \[100, 101\) are unreadable .*checksum"):
         open_store(complete_store).read_masks(100, 101)
 
 
@@ -361,6 +368,9 @@ def _edit_attrs(store: Path, edit) -> None:
 )
 def test_untrusted_attributes_refused(complete_store: Path, edit, message: str) -> None:
     _edit_attrs(complete_store, edit)
+    with pytest.raises(DamagedStore, match="object 'zarr.json' differs from manifest"):
+        open_store(complete_store)  # the store's own manifest catches the edit first
+    (complete_store / "advpipe.manifest.json").unlink()  # a forger drops it: the attributes are still validated
     with pytest.raises(AdvpipeError, match=message):
         open_store(complete_store)
     problems = verify_store(complete_store)
@@ -486,18 +496,12 @@ def _make_legacy(store: Path) -> None:
     (store / "advpipe.manifest.json").unlink()
 
 
-def test_a_store_without_mask_hashes_is_read_with_a_warning_and_the_l0_check(
-        complete_store: Path, data: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_store_without_mask_hashes_is_refused_naming_the_command_that_recomputes_it(complete_store: Path) -> None:
+    # Issue 24 changed this: such a store used to be read with a WARNING and the l0_pixels check only,
+    # so deleting the hashes turned any store into one whose masks could be moved at will.
     _make_legacy(complete_store)
-    with caplog.at_level("WARNING"):
-        store = open_store(complete_store)
-    assert "predates per-sample mask hashes" in caplog.text and not store.has_mask_hash
-    np.testing.assert_array_equal(store.read_masks(0, N), data["masks"])
-    assert verify_store(complete_store) == []
-    masks = zarr.open_group(str(complete_store), mode="r+")["masks"]
-    masks[...] = np.ones(masks.shape, dtype=bool)  # all-True: more pixels than l0_pixels on every row
-    with pytest.raises(AdvpipeError, match=r"masks have more pixels than l0_pixels"):
-        open_store(complete_store).read_masks(0, N)
-    masks.with_config({"write_empty_chunks": True})[...] = np.zeros(masks.shape, dtype=bool)
-    with pytest.raises(AdvpipeError, match=r"masks disagree with their rows \(mask has fewer pixels than l0_pixels"):
-        open_store(complete_store).read_masks(0, N)
+    with pytest.raises(AdvpipeError, match=r"predates per-sample mask hashes.*refusing it. Recompute it: advpipe "
+                                           r"precompute-masks --data toy --split test --limit 250 --model vgg19 --out .* --overwrite"):
+        open_store(complete_store)
+    problems = verify_store(complete_store)
+    assert len(problems) == 1 and "predates per-sample mask hashes" in problems[0]

@@ -132,6 +132,11 @@ def test_reordered_rows_are_refused_by_content_hash(ds, tmp_path):
     hashes = group["sample_hash"][:]
     group["sample_hash"][:] = np.roll(hashes, 1)
     del store
+    with pytest.raises(AdvpipeError, match="sample_hash/c/0' differs from manifest"):
+        open_for_training(str(path), ds)  # the store's own manifest catches the edit
+    from advpipe.pipeline.location import write_manifest
+
+    write_manifest(path)  # a forger who also rewrites the manifest is caught by the content hashes
     with pytest.raises(AdvpipeError, match="content hash"):
         open_for_training(str(path), ds)
 
@@ -183,11 +188,16 @@ def test_a_pinned_store_streams_only_the_content_it_was_pinned_to(ds, store_path
     shutil.copytree(store_path, forged)
     group = zarr.open_group(str(forged), mode="r+")
     group["masks"][0:64] = ~group["masks"][0:64]
-    # unpinned, the masks no longer match their l0_pixels rows and recorded mask hashes (issue 18)
-    with pytest.raises(AdvpipeError, match=r"masks disagree with their rows .*first indices \[0, 1, 2, 3, 4\]"):
+    # unpinned, the store's own manifest refuses the object (issue 24) ...
+    with pytest.raises(AdvpipeError, match=r"object 'masks/c/0/0/0' differs from manifest sha256:\w+: sha256"):
         attack_mask_source(str(forged), ds, torch.device("cpu"))
     with pytest.raises(AdvpipeError, match=rf"object 'masks/c/0/0/0' differs from manifest {digest} \(pinned\)"):
         attack_mask_source(f"{forged}#sha256={digest[7:]}", ds, torch.device("cpu"))
+    from advpipe.pipeline.location import write_manifest
+
+    write_manifest(forged)  # ... and with a rewritten manifest the masks no longer match their rows (issue 18)
+    with pytest.raises(AdvpipeError, match=r"masks disagree with their rows .*first indices \[0, 1, 2, 3, 4\]"):
+        attack_mask_source(str(forged), ds, torch.device("cpu"))
 
 
 def test_a_pinned_store_proves_its_flags_and_hashes_without_reading_them(ds, store_path, monkeypatch):
@@ -226,6 +236,12 @@ def test_training_refuses_swapped_mask_chunks_on_both_paths(ds, store_path, tmp_
     data_a, data_b = a.read_bytes(), b.read_bytes()
     a.write_bytes(data_b)
     b.write_bytes(data_a)
+    cache = ChunkCache(open_for_training(str(swapped), ds), torch.device("cpu"))
+    with pytest.raises(AdvpipeError, match=r"object 'masks/c/1/0/0' differs from manifest"):
+        cache(torch.arange(64, 70))  # the store's own manifest refuses the moved object as it is read
+    from advpipe.pipeline.location import write_manifest
+
+    write_manifest(swapped)  # a forger who rewrites the manifest meets the row checks
     with pytest.raises(AdvpipeError, match=r"masks disagree with their rows .*first indices \[64,"):
         attack_mask_source(str(swapped), ds, torch.device("cpu"))  # resident: read whole, refused before training
     cache = ChunkCache(open_for_training(str(swapped), ds), torch.device("cpu"))

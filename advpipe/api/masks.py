@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from advpipe.data.user import as_tensors, to_uint8
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.store import MaskStore, open_store, sample_hash
-from advpipe.pipeline.streaming import RESIDENT_LIMIT_BYTES, ChunkCache, ResidentMasks
+from advpipe.pipeline.streaming import mask_reader
 
 __all__ = ["AttackMasks", "open_masks"]
 
@@ -37,10 +37,7 @@ class AttackMasks:
 
     def __init__(self, store: MaskStore) -> None:
         """Wrap an opened store; refuses one whose precompute run has not finished."""
-        done = store.chunk_done()
-        if not store.complete or not done.all():
-            raise AdvpipeError(f"mask store {store.location.root} is incomplete ({int(done.sum())} of {store.n_chunks} "
-                               "chunks done); finish its precompute run first")
+        store.require_complete()
         self.store = store
         self._readers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
@@ -78,10 +75,7 @@ class AttackMasks:
     def _reader(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         key = str(device)
         if key not in self._readers:
-            _, h, w = self.image_shape
-            packed_bytes = self.n * -(-h * w // 8)
-            self._readers[key] = (ResidentMasks(self.store, device) if packed_bytes <= RESIDENT_LIMIT_BYTES
-                                  else ChunkCache(self.store, device))
+            self._readers[key] = mask_reader(self.store, device)
         return self._readers[key]
 
     def masks(self, indices: torch.Tensor | Sequence[int] | np.ndarray,
@@ -110,13 +104,7 @@ class AttackMasks:
         if len(images) != self.n or tuple(images.shape[1:]) != self.image_shape:
             raise AdvpipeError(f"the data has {len(images)} images of shape {tuple(images.shape[1:])}, the store "
                                f"{self.n} of shape {self.image_shape}")
-        ours = sample_hash(to_uint8(images).numpy(), layout="NCHW")
-        if self.store.pinned_equal("sample_hash", ours):
-            return
-        bad = np.flatnonzero(ours != self.store.sample_hashes())
-        if len(bad):
-            raise AdvpipeError(f"{len(bad)} images do not match the store by content hash (first at index "
-                               f"{int(bad[0])}); is the data in another order, or another dataset?")
+        self.store.check_samples(sample_hash(to_uint8(images).numpy(), layout="NCHW"))
 
 
 def open_masks(location: str | os.PathLike[str] | AttackMasks, *, digest: str | None = None,

@@ -12,7 +12,7 @@ from rich.tree import Tree
 
 from advpipe.cli import DataDirOpt, app, out
 from advpipe.cli_util import echo, user_errors
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, CannotRead
 
 masks_app = typer.Typer(help="Inspect, verify, draw and share mask stores.", no_args_is_help=True)
 app.add_typer(masks_app, name="masks", help="Inspect and share a mask store: provenance, verification, Table III, "
@@ -140,8 +140,6 @@ def info(store: str = StoreArg, storage_option: Optional[list[str]] = StorageOpt
     if resumed:
         last = resumed[-1].get("time") if isinstance(resumed[-1], dict) else resumed[-1]
         tree.add(_text(f"resumed {len(resumed)} time(s), last at {last}"))
-    if not s.has_mask_hash:
-        tree.add("mask hashes: none (written before they existed; masks are checked against l0_pixels only)")
     out.print(tree)
     echo(f"content digest: {s.digest or 'none'}")  # one unbroken line, to copy into --masks-digest
     summary, counted = store_summary(s)
@@ -209,9 +207,9 @@ def verify(
     against = ""
     try:
         s = _open(store, storage_option, digest)
+    except CannotRead:
+        raise  # not there, not allowed, not answering: bad input (exit 2), not a damaged store
     except AdvpipeError as exc:
-        if str(exc).startswith(("cannot open mask store", "cannot read ", "cannot use ")):
-            raise  # not there, not allowed, not answering: bad input (exit 2), not a damaged store
         _report_problems(store, [str(exc)])
     if data is not None or split is not None or limit is not None or data_dir is not None:
         ds = load_store_data(s, data=data, split=split, data_dir=data_dir, limit=limit)

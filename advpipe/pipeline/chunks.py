@@ -71,8 +71,8 @@ class StoreRun:
 
     ``provenance`` is the store's caller section (see :func:`advpipe.pipeline.provenance.new_attrs`).
     ``workers`` = 0 runs in this process, None = one dask worker per visible GPU (one on CPU);
-    ``scheduler`` is the address of an existing dask scheduler. ``overwrite_hint`` is how the
-    caller's user asks for an overwrite, named in the store's refusals (the command says ``--overwrite``).
+    ``scheduler`` is the address of an existing dask scheduler. A refused overwrite names the field
+    ``overwrite`` (:class:`advpipe.errors.OverwriteRefused`; the command line writes it ``--overwrite``).
     """
 
     path: Path
@@ -84,7 +84,6 @@ class StoreRun:
     workers: int | None = 0
     scheduler: str | None = None
     device: str = "auto"
-    overwrite_hint: str = "overwrite=True"
 
 
 def finished_chunk(writer: MaskStoreWriter, index: int, started: float) -> ChunkOutcome | None:
@@ -200,13 +199,8 @@ def run_store(run: StoreRun, make_task: Callable[[str, bool], ChunkTask],
         # An unreachable scheduler should fail before a store is created; a local cluster is only
         # started once the store has accepted the configuration and there is work to do.
         remote = stack.enter_context(_cluster(run)) if run.scheduler is not None else None
-        try:
-            writer = create_store(run.path, n=run.n, image_shape=run.image_shape, chunk_size=run.chunk_size,
-                                  provenance=run.provenance, overwrite=run.overwrite)
-        except AdvpipeError as exc:
-            if run.overwrite_hint == "overwrite=True":
-                raise
-            raise AdvpipeError(str(exc).replace("pass overwrite=True", f"pass {run.overwrite_hint}")) from exc
+        writer = create_store(run.path, n=run.n, image_shape=run.image_shape, chunk_size=run.chunk_size,
+                              provenance=run.provenance, overwrite=run.overwrite)
         stack.enter_context(writer)  # releases the lock on any exit; chunks done so far stay done
         pending = writer.pending_chunks()
         images_pending = sum(b - a for a, b in map(writer.chunk_bounds, pending))

@@ -55,8 +55,6 @@ ARRAYS: dict[str, ArraySpec] = {
     "sample_hash": ArraySpec(np.dtype("uint64"), 0),
     "mask_hash": ArraySpec(np.dtype("uint64"), 0),
 }
-#: arrays that stores written before they existed lack (their attribute block lacks the rule too)
-LEGACY_OPTIONAL = ("mask_hash",)
 METRICS = ("success", "clean_correct", "l0", "l0_pixels", "l2", "linf", "loss")
 DONE_ARRAY = "chunk_done"
 

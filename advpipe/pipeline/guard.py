@@ -4,7 +4,8 @@ zarr reads a store through :class:`GuardStore`, which wraps the local, zip or fs
 :class:`advpipe.pipeline.location.Location`. Local objects are read by ``Location.read`` (``lstat``
 first: no symlink, FIFO or device is opened); remote ones with a ranged request of at most the
 format's size limit; each chunk's zstd frame must declare exactly the chunk's decoded size; and
-when the consumer pinned a digest, every object must be the one its manifest lists.
+every object must be the one the store's manifest lists (size and sha256, hashed as it is read),
+so what training reads passes the manifest check of ``advpipe masks verify``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ __all__ = ["GuardStore"]
 
 
 class GuardStore(WrapperStore):  # type: ignore[type-arg]
-    """Read-only access that refuses unsafe keys and objects, missing chunks of a complete store and,
-    when a digest is pinned, any object whose bytes differ from the manifest.
+    """Read-only access that refuses unsafe keys and objects, missing chunks of a complete store and
+    any object whose bytes differ from the store's manifest (when it has one; pinned or not).
 
     Every chunk of a finished store is written (even all-false ones), so a missing object means a
     damaged or partial copy; plain zarr would silently read it as empty masks. Only a complete
@@ -33,6 +34,8 @@ class GuardStore(WrapperStore):  # type: ignore[type-arg]
     """
 
     strict = False
+    #: whether to check objects against an unpinned manifest (verify checks every object itself, once)
+    check_manifest = True
     #: array name -> chunk shape, set by the reader once the layout is validated (for the zstd size check)
     chunk_shapes: dict[str, tuple[int, ...]] = {}
 
@@ -42,7 +45,7 @@ class GuardStore(WrapperStore):  # type: ignore[type-arg]
 
     def _with_store(self, store: Any) -> "GuardStore":
         other = type(self)(store, self.location)
-        other.strict, other.chunk_shapes = self.strict, self.chunk_shapes
+        other.strict, other.chunk_shapes, other.check_manifest = self.strict, self.chunk_shapes, self.check_manifest
         return other
 
     async def _fetch(self, key: str, prototype: Any, byte_range: Any) -> Any:
@@ -74,10 +77,10 @@ class GuardStore(WrapperStore):  # type: ignore[type-arg]
             data = value.to_bytes()
             if len(data) > size_limit(key):
                 raise AdvpipeError(f"mask store {loc.root}: object {key} is over {size_limit(key)} bytes")
-            if loc.manifest is not None and loc.manifest.pinned:
-                loc.manifest.check(key, data)
             if name in self.chunk_shapes and rest and not rest.endswith("zarr.json"):
                 check_decoded_size(name, data, self.chunk_shapes[name], f"mask store {loc.root}: object {key}")
+            if loc.manifest is not None and (self.check_manifest or loc.manifest.pinned):
+                loc.manifest.check(key, data)
         return value
 
     async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:

@@ -17,14 +17,14 @@ import zarr
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.codecs import ARRAYS, DONE_ARRAY, LEGACY_OPTIONAL, codec_kwargs, quiet_zarr
+from advpipe.pipeline.codecs import ARRAYS, DONE_ARRAY, codec_kwargs, quiet_zarr
 from advpipe.pipeline.provenance import MAX_CHUNK_BYTES, image_shape_of
 
 Layout = dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]
 
 
 def has_mask_hash(attrs: dict[str, Any]) -> bool:
-    """Whether the store records per-sample mask hashes (stores written before they existed do not)."""
+    """Whether the store records per-sample mask hashes (stores written before they existed do not; readers refuse them)."""
     return "mask_hash" in attrs
 
 
@@ -34,8 +34,6 @@ def expected_layout(attrs: dict[str, Any]) -> Layout:
     _, h, w = attrs["dataset"]["image_shape"]
     out = {}
     for name, spec in ARRAYS.items():
-        if name in LEGACY_OPTIONAL and not has_mask_hash(attrs):
-            continue
         trail = (h, w) if spec.per_pixel else ()
         out[name] = ((n, *trail), (chunk, *trail), spec.dtype)
     out[DONE_ARRAY] = ((math.ceil(n / chunk),), (1,), np.dtype(bool))

@@ -3,15 +3,14 @@
 A :class:`Location` opens the zarr group read-only through a guard store that refuses unsafe keys
 (``..``, absolute paths), objects that are symlinks pointing out of a local store, objects larger
 than the format allows, zip members that declare a huge size, and missing chunks of a complete
-store. When the consumer pinned a content digest, the guard also checks every object it reads
-against the store's manifest (see :mod:`advpipe.pipeline.manifest`). Everything is refused before
-the object's bytes are read or allocated, except that a remote object is checked once fetched.
+store. The guard also checks every object it reads against the store's manifest, pinned by the
+consumer or not (see :mod:`advpipe.pipeline.manifest`). Everything is refused before the object's
+bytes are read or allocated, except that a remote object (and its hash) is checked once fetched.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 import zipfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, CannotRead, DamagedStore, StoreUnreachable
 from advpipe.pipeline.codecs import quiet_zarr
 from advpipe.pipeline.guard import GuardStore
 from advpipe.pipeline.manifest import (
@@ -32,17 +31,15 @@ from advpipe.pipeline.manifest import (
     Manifest,
     build_manifest,
     check_key,
-    normalize_digest,
     parse_manifest,
     sha256_hex,
     size_limit,
 )
-from advpipe.pipeline.remote import error_line, filesystem, is_network_error, is_url, split_pin
+from advpipe.pipeline.remote import error_line, filesystem, is_network_error, is_url, pin_location, read_error, split_pin
 from advpipe.pipeline.zipstore import ZipReader
 from advpipe.utils import atomic_write_bytes
 
-_UNREACHABLE_TEXT = re.compile(r": (no answer within|cannot connect)")
-_BATCH_OBJECTS = 32  # concurrent requests per batch of a remote read
+BATCH_OBJECTS = 32  # concurrent requests per batch of a remote read or upload
 _BATCH_BYTES = 64 << 20
 
 
@@ -52,13 +49,7 @@ class Location:
     def __init__(self, location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
                  digest: str | None = None) -> None:
         """Parse ``location`` (``PATH``, ``URL`` or either with ``#sha256=HEX``); ``digest`` pins it too."""
-        base, pin = split_pin(os.fspath(location))
-        if digest is not None:
-            digest = normalize_digest(digest)
-            if pin is not None and pin != digest:
-                raise AdvpipeError(f"{location} is pinned to {pin} but the digest option says {digest}")
-            pin = digest
-        self.pin = pin
+        base, self.pin = split_pin(pin_location(os.fspath(location), digest))
         self.is_url = is_url(base)
         self.storage_options = storage_options
         self.root = base.rstrip("/") if self.is_url else str(Path(base.removeprefix("file://")).absolute())
@@ -113,7 +104,7 @@ class Location:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise AdvpipeError(f"cannot read {self.name(key)}: {exc.strerror or exc}") from exc
+            raise CannotRead(f"cannot read {self.name(key)}: {exc.strerror or exc}") from exc
         parent = os.path.realpath(os.path.dirname(full))
         if parent != self._real_root and not parent.startswith(self._real_root + os.sep):
             raise AdvpipeError(f"mask store {self.root}: object {key} lies under a symlinked directory "
@@ -139,7 +130,7 @@ class Location:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise AdvpipeError(f"cannot read {self.name(key)}: {exc.strerror or exc}") from exc
+            raise CannotRead(f"cannot read {self.name(key)}: {exc.strerror or exc}") from exc
         with os.fdopen(fd, "rb") as fh:
             info = os.fstat(fh.fileno())  # the file opened, not a name swapped in after the check
             if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
@@ -169,7 +160,7 @@ class Location:
                 self.missing = error_line(exc, self.root)
                 return None
             except Exception as exc:  # every fsspec backend raises its own types
-                raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from exc
+                raise read_error(self.name(key), exc, self.root) from exc
         if len(data) > limit:
             raise AdvpipeError(f"mask store {self.root}: object {key} is over {limit} bytes")
         return data
@@ -189,13 +180,13 @@ class Location:
             try:
                 got = fs.cat(list(paths), on_error="return")
             except Exception as exc:  # noqa: BLE001 - one line for any backend's failure
-                raise AdvpipeError(f"cannot read {self.root}: {error_line(exc, self.root)}") from exc
+                raise read_error(self.root, exc, self.root) from exc
             for path, key in paths.items():
                 value = got.get(path, FileNotFoundError(path)) if isinstance(got, dict) else got
                 if isinstance(value, FileNotFoundError):
                     yield key, None
                 elif isinstance(value, BaseException):
-                    raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(value, self.root)}")
+                    raise read_error(self.name(key), value, self.root)
                 else:
                     if len(value) > size_limit(key):
                         raise AdvpipeError(f"mask store {self.root}: object {key} is over {size_limit(key)} bytes")
@@ -215,10 +206,10 @@ class Location:
         except FileNotFoundError as exc:
             cause = exc.__cause__
             if cause is not None and is_network_error(cause):
-                raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(cause, self.root)}") from exc
+                raise read_error(self.name(key), cause, self.root) from exc
             return False
         except Exception as exc:  # noqa: BLE001
-            raise AdvpipeError(f"cannot read {self.name(key)}: {error_line(exc, self.root)}") from exc
+            raise read_error(self.name(key), exc, self.root) from exc
 
     def list_objects(self) -> dict[str, int] | None:
         """Return every object key -> size (None where the protocol cannot list, as plain HTTP)."""
@@ -289,31 +280,36 @@ class Location:
                     manifest.check(key, data)
                 except ContentMismatch as exc:
                     problems.append(str(exc))
+        except StoreUnreachable:
+            raise  # a store that does not answer is not a store with problems: one line, exit 2
         except AdvpipeError as exc:
-            if str(exc).startswith("cannot read ") and _UNREACHABLE_TEXT.search(str(exc)):
-                raise  # a store that does not answer is not a store with problems: one line, exit 2
             problems.append(str(exc))
         return problems
 
     # -- zarr --------------------------------------------------------------------------------
-    def open_group(self) -> zarr.Group:
-        """Load the manifest, then open the zarr group read-only through the guard store."""
+    def open_group(self, check_manifest: bool = True) -> zarr.Group:
+        """Load the manifest, then open the zarr group read-only through the guard store.
+
+        The guard checks every object against the manifest; ``check_manifest=False`` only against a pinned one.
+        """
         if self.storage_options and not self.is_url:
             raise AdvpipeError("storage_options only apply to URLs")
         try:
             self.load_manifest()
             self.wrapper = GuardStore(self._zarr_base(), self)
+            self.wrapper.check_manifest = check_manifest
             with quiet_zarr():
                 return zarr.open_group(self.wrapper, mode="r", zarr_format=3)
         except AdvpipeError:
             raise
         except ContentMismatch as exc:
-            raise AdvpipeError(f"mask store {self.root}: {exc}") from exc
+            raise DamagedStore(f"mask store {self.root}: {exc}") from exc
         except Exception as exc:  # zarr, fsspec and aiohttp each raise their own types here
             why = error_line(exc, self.root)
             if isinstance(exc, FileNotFoundError) and self.missing:
                 why = self.missing
-            raise AdvpipeError(f"cannot open mask store {self.root}: {why}") from exc
+            kind = StoreUnreachable if is_network_error(exc) else CannotRead
+            raise kind(f"cannot open mask store {self.root}: {why}") from exc
 
     def _zarr_base(self) -> Any:
         if self.is_zip:
@@ -332,7 +328,7 @@ def _batches(keys: list[str], sizes: dict[str, int]) -> Iterator[list[str]]:
     batch: list[str] = []
     total = 0
     for key in keys:
-        if batch and (len(batch) >= _BATCH_OBJECTS or total + sizes.get(key, 0) > _BATCH_BYTES):
+        if batch and (len(batch) >= BATCH_OBJECTS or total + sizes.get(key, 0) > _BATCH_BYTES):
             yield batch
             batch, total = [], 0
         batch.append(key)

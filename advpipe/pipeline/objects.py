@@ -135,8 +135,9 @@ def precompute_masks(model: nn.Module, data: Dataset | Sequence[Any], out: str |
     gets mask ``i``. ``attack`` defaults to ``SparseAttackConfig()`` (its ``autocast_dtype`` sets
     the precision). ``workers=0`` runs in this process; a positive number or None (one per GPU)
     starts a local dask cluster; ``scheduler`` uses an existing one (the model and data are sent
-    to every worker once). ``name``/``split`` label the data in the provenance, ``arch`` the model
-    (default: its class name, inside a :class:`~advpipe.models.normalize.Normalized`);
+    to every worker once). ``name``/``split`` label the data in the provenance (a paper dataset's
+    ``name`` also picks its ``alpha_max``: :data:`~advpipe.attacks.sparse_config.PAPER_ALPHA_MAX`),
+    ``arch`` the model (default: its class name, inside a :class:`~advpipe.models.normalize.Normalized`);
     ``clean_accuracy`` is recorded as given, else measured on ``data``.
     A store made for another configuration is refused unless ``overwrite``.
     """
@@ -151,7 +152,7 @@ def precompute_masks(model: nn.Module, data: Dataset | Sequence[Any], out: str |
         resolve_device(device)  # fail early; with a scheduler the device is the workers' business
     images, labels = as_tensors(data)
     image_shape = tuple(images.shape[1:])
-    attack = attack.resolve(image_shape)  # record concrete values, not "auto"
+    attack = attack.resolve(image_shape, dataset=name)  # record concrete values, not "auto"
     sha = model_sha256(model)
     if clean_accuracy is None:
         clean_accuracy = _accuracy(model, images, labels, max(batch_size, 256), "cpu" if scheduler else device)

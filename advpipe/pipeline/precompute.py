@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advpipe.attacks.encoders import check_linear_fits
 from advpipe.attacks.sparse import SparseAttackConfig
 from advpipe.cluster import plan_local_workers
 from advpipe.data.datasets import DatasetSplit, dataset_family, drawn_from, load_dataset
@@ -188,7 +189,8 @@ def _check_fits(ckpt: Checkpoint, ds: DatasetSplit, path: Path, cfg: PrecomputeC
         raise AdvpipeError(f"{path} predicts {ckpt.num_classes} classes but {cfg.data} has {ds.num_classes}")
     if ds.image_shape[-1] != ckpt.image_size:
         raise AdvpipeError(f"{path} expects {ckpt.image_size}px images but {cfg.data} has {ds.image_shape[-1]}px")
-    if cfg.split == "train" and cfg.limit is None and not drawn_from(ds, ckpt.fingerprint):
+    pretrained = ckpt.fingerprint.startswith("pretrained:")  # a pretrained_victim: its training data is unknown
+    if cfg.split == "train" and cfg.limit is None and not pretrained and not drawn_from(ds, ckpt.fingerprint):
         # Legitimate when the model was trained with --limit (a prefix of the data); the store
         # records both fingerprints, so the difference stays visible.
         warnings.append(f"the checkpoint was trained on {ckpt.dataset} data with fingerprint {ckpt.fingerprint}, "
@@ -231,7 +233,10 @@ def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
     _check_fits(ckpt, ds, ckpt_path, cfg, warnings)
     for message in warnings:
         log.warning(message)
-    attack = attack.resolve(tuple(ds.image_shape))  # record concrete values, not "auto"
+    attack = attack.resolve(tuple(ds.image_shape), dataset=cfg.data)  # record concrete values, not "auto"
+    if attack.encoder == "linear" and cfg.scheduler is None:  # before the clean pass, not after it
+        check_linear_fits(tuple(ds.image_shape), min(cfg.batch_size, cfg.chunk_size, len(ds)), attack.encoder_scope,
+                          resolve_device(cfg.device))
     path = Path(cfg.out) if cfg.out else default_store_path(cfg, ckpt.arch, attack)
     path = path.absolute()
     attack = dataclasses.replace(attack, autocast_dtype=resolve_precision(cfg, path))
@@ -249,5 +254,5 @@ def precompute_masks(cfg: PrecomputeConfig) -> PrecomputeResult:
         return functools.partial(run_chunk, dataclasses.replace(job, device=device))
 
     run = StoreRun(path, len(ds), tuple(ds.image_shape), cfg.chunk_size, provenance, overwrite=cfg.overwrite,
-                   workers=cfg.workers, scheduler=cfg.scheduler, device=cfg.device, overwrite_hint="--overwrite")
+                   workers=cfg.workers, scheduler=cfg.scheduler, device=cfg.device)
     return run_store(run, make_task, warnings)

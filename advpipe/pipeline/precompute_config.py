@@ -35,7 +35,10 @@ class PrecomputeConfig:
     """Everything a precompute run depends on (the command builds it from its flags).
 
     ``model`` names the architecture whose default checkpoint ``runs/<data>/<model>/none/best.pt``
-    is attacked unless ``checkpoint`` is given. ``steps``/``encoder`` of None keep the attack's
+    is attacked unless ``checkpoint`` is given, or whose ``pretrained`` weights (a file, or
+    ``torchvision``/``timm``; ``download`` fetches those) are attacked directly
+    (:func:`pretrained_victim`), with ``small_stem`` and images resized to ``image_size``.
+    ``steps``/``encoder`` of None keep the attack's
     defaults; ``targeted`` is None (untargeted), ``"random"`` or ``"least-likely"``;
     ``attack_options`` sets any other :class:`SparseAttackConfig` field. ``precision`` is the
     classifier's autocast in the attack (see :func:`resolve_precision` for ``auto``). ``workers``
@@ -46,6 +49,10 @@ class PrecomputeConfig:
     data: str = "embedded"
     model: str | None = None
     checkpoint: str | None = None
+    pretrained: str | None = None
+    small_stem: bool = False
+    image_size: int | None = None
+    download: bool = False
     split: str = "train"
     data_dir: str | None = None
     limit: int | None = None
@@ -72,7 +79,9 @@ def default_checkpoint(data: str, model: str) -> Path:
 
 
 def find_checkpoint(cfg: PrecomputeConfig) -> Path:
-    """The checkpoint to attack: ``checkpoint``, else the default run's best.pt of ``model``."""
+    """The checkpoint to attack: ``checkpoint``, the ``pretrained`` victim, else the default run's best.pt."""
+    if cfg.pretrained is not None:
+        return pretrained_victim(cfg)
     if cfg.checkpoint is not None:
         return resolve_checkpoint(cfg.checkpoint)
     if cfg.model is None:
@@ -83,6 +92,45 @@ def find_checkpoint(cfg: PrecomputeConfig) -> Path:
         raise AdvpipeError(
             f"no trained {cfg.model} for {cfg.data}: {path} does not exist; train it first with "
             f"`advpipe train --data {cfg.data} --model {cfg.model}` or pass checkpoint PATH", fields=("checkpoint",))
+    return path
+
+
+def pretrained_victim(cfg: PrecomputeConfig) -> Path:
+    """Write ``model`` with its ``pretrained`` weights as an advpipe checkpoint (the victim) and return its path.
+
+    The file lies in ``victims/`` beside the store (``masks/victims/`` by default), named by a hash
+    of everything it depends on. A replaced head is initialised from ``seed``, so the same
+    options always write the same bytes and a rerun resumes its store. Its fingerprint is
+    ``pretrained:<source>`` (the weights' training data is not known here).
+    """
+    import hashlib
+
+    import torch
+
+    from advpipe.data.datasets import load_dataset
+    from advpipe.models.build import build_model
+    from advpipe.models.checkpoint import Checkpoint, save_checkpoint
+
+    if cfg.model is None or cfg.checkpoint is not None:
+        raise AdvpipeError("pretrained needs model (the architecture its weights are for) and excludes checkpoint",
+                           fields=("pretrained", "model", "checkpoint"))
+    ds = load_dataset(cfg.data, cfg.split, data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size,
+                      download=cfg.download)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, ds, pretrained=cfg.pretrained, small_stem=cfg.small_stem, download=cfg.download)
+    net = model.model
+    ckpt = Checkpoint(arch=cfg.model, num_classes=ds.num_classes, dataset=cfg.data,
+                      fingerprint=f"pretrained:{cfg.pretrained}", mean=tuple(model.mean.flatten().tolist()),
+                      std=tuple(model.std.flatten().tolist()), image_size=ds.image_shape[-1],
+                      model_state={k: v.detach().clone() for k, v in net.state_dict().items()},
+                      small_stem=cfg.small_stem, info={"pretrained": cfg.pretrained})
+    key = hashlib.sha256(repr((cfg.pretrained, cfg.model, cfg.small_stem, ds.num_classes, ds.image_shape,
+                               cfg.seed)).encode()).hexdigest()[:12]
+    folder = (Path(cfg.out).parent if cfg.out else Path("masks")) / "victims"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cfg.data}-{cfg.model.replace(':', '_').replace('/', '_')}-{key}.pt"
+    save_checkpoint(path, ckpt)
     return path
 
 
@@ -169,6 +217,11 @@ def check_config(cfg: PrecomputeConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise AdvpipeError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}",
                            fields=("precision",))
+    if cfg.pretrained is None and (cfg.small_stem or cfg.image_size is not None):
+        raise AdvpipeError("small_stem and image_size apply with pretrained; a checkpoint records its own",
+                           fields=("small_stem", "image_size", "pretrained"))
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise AdvpipeError(f"image_size must be a positive number, got {cfg.image_size}", fields=("image_size",))
 
 
 def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackConfig) -> Path:
@@ -194,4 +247,4 @@ def default_store_path(cfg: PrecomputeConfig, arch: str, attack: SparseAttackCon
         options = {k: v for k, v in attack.to_dict().items() if k != "autocast_dtype"}
         tag = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
         parts.append(f"opts{tag}")
-    return Path("masks") / ("-".join(p.replace("/", "_") for p in parts) + ".zarr")
+    return Path("masks") / ("-".join(p.replace("/", "_").replace(":", "_") for p in parts) + ".zarr")

@@ -260,18 +260,28 @@ def summarize(metrics: dict[str, np.ndarray]) -> dict[str, Any]:
     ``metrics`` holds the per-image arrays (``success``, ``clean_correct`` and the norms). Images the
     model already misclassifies are counted in ``n`` only: they "succeed" with an empty mask and
     would inflate the ASR and deflate the norms (Table III attacks correctly classified images, as
-    ``advpipe evaluate`` counts robustness). One code path with the evaluation's statistics
-    (:func:`advpipe.attacks.norms.summarize_norms`), flattened into the store's attribute keys.
-    Means and medians are ``None`` when no image was attacked successfully.
+    ``advpipe evaluate`` counts robustness). Means and medians are ``None`` when no image was
+    attacked successfully.
+    """
+    attacked = np.asarray(metrics["clean_correct"], dtype=bool)
+    chosen = attacked & np.asarray(metrics["success"], dtype=bool)
+    return summary_of(len(attacked), int(attacked.sum()), int(chosen.sum()),
+                      {name: np.asarray(metrics[name])[chosen] for name in SUMMARY_STATS})
+
+
+def summary_of(n: int, n_attacked: int, n_success: int, norms: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The store summary from its counts and the norms of the successful attacked images (None: counts only).
+
+    One code path with the evaluation's statistics (:func:`advpipe.attacks.norms.summarize_norms`),
+    flattened into the store's attribute keys; ``verify`` builds it chunk by chunk.
     """
     from advpipe.attacks.norms import summarize_norms
 
-    attacked = np.asarray(metrics["clean_correct"], dtype=bool)
-    success = np.asarray(metrics["success"], dtype=bool)
-    shared = summarize_norms({name: np.asarray(metrics[name])[attacked] for name in SUMMARY_STATS}, success[attacked])
-    summary: dict[str, Any] = {"n": int(len(success)), "n_clean_correct": shared["n"],
-                               "n_success": shared["successes"], "asr": shared["asr"]}
-    for name in SUMMARY_STATS:
-        summary[f"{name}_mean"] = shared[name]["mean"]
-        summary[f"{name}_median"] = shared[name]["median"]
+    summary: dict[str, Any] = {"n": n, "n_clean_correct": n_attacked, "n_success": n_success,
+                               "asr": n_success / n_attacked if n_attacked else None}
+    if norms is not None:
+        shared = summarize_norms(norms, np.ones(n_success, dtype=bool))
+        for name in SUMMARY_STATS:
+            summary[f"{name}_mean"] = shared[name]["mean"]
+            summary[f"{name}_median"] = shared[name]["median"]
     return summary

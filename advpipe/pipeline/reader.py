@@ -4,13 +4,13 @@ Every reader (training, ``masks info|report|show``, ``verify``) opens through :c
 so one validation path covers them all: the attributes, the array layout, codecs and key encoding
 (:func:`advpipe.pipeline.layout.open_arrays`), and the guarded object reads of
 :class:`advpipe.pipeline.location.Location` (sizes, symlinks, special files, declared zstd sizes,
-missing chunks). Masks are returned only after they agree with their ``l0_pixels`` rows and their
-recorded ``mask_hash`` (:mod:`advpipe.pipeline.rows`).
+missing chunks, and every object against the store's manifest). Masks are returned only after
+they agree with their ``l0_pixels`` rows and their recorded ``mask_hash``
+(:mod:`advpipe.pipeline.rows`); a store without mask hashes is refused on open.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Any
@@ -18,54 +18,53 @@ from typing import Any
 import numpy as np
 import zarr
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, DamagedStore
 from advpipe.pipeline.codecs import ATTRS_KEY, DONE_ARRAY, METRICS, encoded_chunks, mask_hash, pack_masks
 from advpipe.pipeline.layout import Chunked, has_mask_hash, open_arrays
 from advpipe.pipeline.location import Location
 from advpipe.pipeline.manifest import ContentMismatch, Manifest, sha256_hex
 from advpipe.pipeline.provenance import parse_attrs
-from advpipe.pipeline.remote import error_line, is_network_error
-from advpipe.pipeline.rows import LEGACY_EXCESS_SHARE, bad_rows, describe, excess_share
+from advpipe.pipeline.remote import is_network_error, read_error
+from advpipe.pipeline.rows import bad_rows, describe
 from advpipe.progress import track
 
 __all__ = ["MaskStore", "check_compatible", "open_store"]
 
-log = logging.getLogger(__name__)
-
 _READ_BYTES = 256 << 20  # decoded bool masks fetched per read call in read_all_packed
 REMOTE_CONCURRENCY = 32  # chunk requests in flight per read of a remote store (benchmarks/bench_sharing.py)
 _ROWS_CACHE_BYTES = 64 << 20  # l0_pixels, sample_hash and mask_hash are kept whole up to this size
-_LEGACY_MIN_ROWS = 20  # the all-True heuristic of stores without mask hashes needs this many rows with l0_pixels > 0
 
 
 class MaskStore(Chunked):
     """A read-only mask store (local or remote) whose attributes and array layout have been validated."""
 
+    #: always True: a store without per-sample mask hashes is refused on open (kept for callers that ask)
+    has_mask_hash = True
+
     def __init__(self, path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
-                 digest: str | None = None) -> None:
-        """Open and validate the store (prefer :func:`open_store`)."""
-        self._state = (path_or_url, storage_options, digest)
+                 digest: str | None = None, check_manifest: bool = True) -> None:
+        """Open and validate the store (prefer :func:`open_store`); ``check_manifest=False`` is for ``verify``,
+        which checks every object against an unpinned manifest itself and lists what differs."""
+        self._state = (path_or_url, storage_options, digest, check_manifest)
         self.location = Location(path_or_url, storage_options, digest)
-        group = self.location.open_group()
+        group = self.location.open_group(check_manifest)
         self.manifest: Manifest | None = self.location.manifest
         self.provenance: dict[str, Any] = parse_attrs(group.attrs.get(ATTRS_KEY))
+        if not has_mask_hash(self.provenance):
+            raise AdvpipeError(_recompute_line(self.location.root, self.provenance))
         self.location.wrapper.strict = self.provenance["status"] == "complete"
         self._arrays = open_arrays(group, self.provenance, self.location.root)
         self.location.wrapper.chunk_shapes = {name: arr.chunks for name, arr in self._arrays.items()}
         self._init_layout(self.provenance)
-        self.has_mask_hash = has_mask_hash(self.provenance)
-        if not self.has_mask_hash:
-            log.warning("mask store %s predates per-sample mask hashes: its masks are checked against l0_pixels "
-                        "only; recompute it to tie every mask to its image", self.location.root)
         self._rows: dict[str, np.ndarray] = {}
         #: the training data's own sample hashes, once a pinned manifest proved the store holds them
         self.known_sample_hashes: np.ndarray | None = None
 
-    def __getstate__(self) -> tuple[Any, Any, Any]:
+    def __getstate__(self) -> tuple[Any, ...]:
         return self._state
 
-    def __setstate__(self, state: tuple[Any, Any, Any]) -> None:
-        self.__init__(state[0], storage_options=state[1], digest=state[2])  # type: ignore[misc]
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.__init__(state[0], storage_options=state[1], digest=state[2], check_manifest=state[3])  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"MaskStore({self.location.root!r}, n={self.n}, image_shape={self.image_shape}, status={self.provenance['status']!r})"
@@ -94,14 +93,31 @@ class MaskStore(Chunked):
         except AdvpipeError:
             raise
         except ContentMismatch as exc:
-            raise AdvpipeError(f"mask store {self.location.root}: {exc}") from exc
+            raise DamagedStore(f"mask store {self.location.root}: {exc}") from exc
         except Exception as exc:  # crc32c, zstd and packbits each fail differently on damaged bytes
             if is_network_error(exc):
-                raise AdvpipeError(f"cannot read {self.location.root}: {error_line(exc, self.location.root)}") from exc
-            raise AdvpipeError(
+                raise read_error(self.location.root, exc, self.location.root) from exc
+            raise DamagedStore(
                 f"mask store {self.location.root}: array {name!r} rows [{start or 0}, {stop or self.n}) are unreadable "
                 f"({type(exc).__name__}: {damage_text(exc)}); run `advpipe masks verify` on it to find the damaged chunk files"
             ) from exc
+
+    def require_complete(self) -> None:
+        """Raise AdvpipeError unless the writer finalized the store and every chunk is done."""
+        done = self.chunk_done()
+        if not self.complete or not done.all():
+            raise AdvpipeError(f"mask store {self.location.root} is incomplete (status {self.provenance['status']!r}, "
+                               f"{int(done.sum())} of {self.n_chunks} chunks done); finish its precompute run first")
+
+    def check_samples(self, ours: np.ndarray) -> None:
+        """Raise AdvpipeError unless the (N,) per-sample hashes ``ours`` are the store's; then use them for the row checks."""
+        # proven by a pinned manifest without a fetch, else compared with the stored hashes
+        theirs = ours if self.pinned_equal("sample_hash", ours) else self.sample_hashes()
+        bad = np.flatnonzero(ours != theirs)
+        if len(bad):
+            raise AdvpipeError(f"mask store {self.location.root}: {len(bad)} samples do not match the data by content "
+                               f"hash (first at index {int(bad[0])}); is the data in another order, or another dataset?")
+        self.known_sample_hashes = theirs
 
     def chunk_done(self) -> np.ndarray:
         """Return the (n_chunks,) bool done flags."""
@@ -147,14 +163,12 @@ class MaskStore(Chunked):
         """Return ``masks`` (rows ``start...``) if each agrees with its ``l0_pixels`` row and ``mask_hash``; else AdvpipeError."""
         stop = start + len(masks)
         l0p = self._row_values("l0_pixels", start, stop)
-        hashes = recorded = None
-        if self.has_mask_hash:
-            hashes = self._row_values("sample_hash", start, stop)
-            # a pinned manifest that lists exactly the mask_hash objects these masks hash to proves the
-            # comparison below without fetching mask_hash (the same check, not a weaker one)
-            pinned = self.complete and self.manifest is not None and self.manifest.pinned  # else hash once, below
-            if not (pinned and self.pinned_equal("mask_hash", mask_hash(masks, hashes), start)):
-                recorded = self._row_values("mask_hash", start, stop)
+        hashes, recorded = self._row_values("sample_hash", start, stop), None
+        # a pinned manifest that lists exactly the mask_hash objects these masks hash to proves the
+        # comparison below without fetching mask_hash (the same check, not a weaker one)
+        pinned = self.complete and self.manifest is not None and self.manifest.pinned  # else hash once, below
+        if not (pinned and self.pinned_equal("mask_hash", mask_hash(masks, hashes), start)):
+            recorded = self._row_values("mask_hash", start, stop)
         keep = slice(None)
         if not self.complete:  # rows of chunks not yet written hold the fill values
             keep = np.flatnonzero(l0p >= 0)
@@ -162,13 +176,8 @@ class MaskStore(Chunked):
                             recorded[keep] if recorded is not None else None)
         if bad.size:
             rows = np.arange(start, stop)[keep][bad]
-            raise AdvpipeError(f"mask store {self.location.root}: {describe(rows, stop - start, why)} in rows "
+            raise DamagedStore(f"mask store {self.location.root}: {describe(rows, stop - start, why)} in rows "
                                f"[{start}, {stop}); refusing it (the masks were moved, rewritten or linked in)")
-        if not self.has_mask_hash:
-            excess, counted = excess_share(masks[keep], l0p[keep])
-            if counted >= _LEGACY_MIN_ROWS and excess > LEGACY_EXCESS_SHARE * counted:
-                raise AdvpipeError(f"mask store {self.location.root}: in rows [{start}, {stop}) {excess} of {counted} "
-                                   f"masks have more pixels than l0_pixels (honest stores: about 1%); refusing it")
         return masks
 
     def read_masks(self, start: int, stop: int) -> np.ndarray:
@@ -209,6 +218,15 @@ def damage_text(exc: BaseException) -> str:
     return text[:200]
 
 
+def _recompute_line(root: str, prov: dict[str, Any]) -> str:
+    """The refusal of a store without mask hashes, with the command that recomputes it."""
+    ds = prov["dataset"]
+    return (f"mask store {root} predates per-sample mask hashes, so its masks cannot be tied to their images; "
+            f"refusing it. Recompute it: advpipe precompute-masks --data {ds['name']} --split {ds['split']} "
+            f"--limit {ds['n']} --model {prov['model']['arch']} --out {root} --overwrite (with the attack "
+            "settings it was made with)")
+
+
 def open_store(path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
                digest: str | None = None) -> MaskStore:
     """Open a mask store read-only from a local path, a zip file or an fsspec URL (http(s)://, s3://, ...).
@@ -223,12 +241,7 @@ def check_compatible(
     store: MaskStore, *, fingerprint: str, split: str, n: int, image_shape: tuple[int, int, int]
 ) -> None:
     """Raise AdvpipeError, naming both sides, unless ``store`` is complete and made for exactly this data."""
-    done = store.chunk_done()
-    if not store.complete or not done.all():
-        raise AdvpipeError(
-            f"mask store {store.location.root} is incomplete (status {store.provenance['status']!r}, "
-            f"{int(done.sum())} of {store.n_chunks} chunks done); finish its precompute run first"
-        )
+    store.require_complete()
     ds = store.provenance["dataset"]
     pairs = [
         ("fingerprint", ds["fingerprint"], fingerprint),

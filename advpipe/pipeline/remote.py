@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any, Iterator
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, CannotRead, StoreUnreachable
 from advpipe.pipeline.manifest import normalize_digest
 
 TIMEOUT_ENV = "ADVPIPE_REMOTE_TIMEOUT"
@@ -169,9 +169,9 @@ def filesystem(url: str, given: dict[str, Any] | None, *, asynchronous: bool = F
         fs, path = fsspec.core.url_to_fs(url, **({"asynchronous": True} if asynchronous else {}), **options)
     except ImportError as exc:
         extra = " (pip install 'advpipe[s3]')" if protocol_of(url) in ("s3", "s3a") else ""
-        raise AdvpipeError(f"cannot read {url}: {exc}{extra}") from exc
+        raise CannotRead(f"cannot read {url}: {exc}{extra}") from exc
     except Exception as exc:  # fsspec and its backends raise their own types for bad options
-        raise AdvpipeError(f"cannot use {url}: {error_line(exc, url)}") from exc
+        raise CannotRead(f"cannot use {url}: {error_line(exc, url)}") from exc
     if protocol_of(url) in ("s3", "s3a"):
         fs.retries = 1  # s3fs nests its retry loops (attempts = retries squared); botocore retries instead
     return fs, path
@@ -213,3 +213,9 @@ def error_line(exc: BaseException, url: str = "") -> str:
     else:
         kind = "failed"
     return f"{kind}: {type(exc).__name__}: {text}"
+
+
+def read_error(name: str, exc: BaseException, url: str = "") -> CannotRead:
+    """The error for a failed read of ``name``: StoreUnreachable for a timeout or lost connection, else CannotRead."""
+    kind = StoreUnreachable if is_network_error(exc) else CannotRead
+    return kind(f"cannot read {name}: {error_line(exc, url)}")

@@ -10,15 +10,15 @@ These checks can, because the writer recorded, per sample, facts the mask must a
   in every channel (a saturated pixel, black or white, where the [0, 1] box clamps delta to 0) is
   in the mask but not in ``l0_pixels`` (measured: 4 of 500 rows of an embedded-data store, by at
   most 2 pixels). A mask with fewer pixels than its ``l0_pixels`` (all-False masks, chunks moved)
-  is refused. Stores without mask hashes also refuse masks that exceed ``l0_pixels`` on over
-  half of the rows that have any (all-True masks), far from the honest 1%.
-- **mask hash** (stores written since it exists): ``mask_hash`` is blake2b of the sample's image
+  is refused.
+- **mask hash**: ``mask_hash`` is blake2b of the sample's image
   hash and its packed mask (:func:`advpipe.pipeline.codecs.mask_hash`), so a mask moved to another
-  row or rewritten without also forging the hashes is refused.
+  row or rewritten without also forging the hashes is refused. A store written before mask hashes
+  existed is refused on open (:class:`advpipe.pipeline.reader.MaskStore`).
 
 Neither proves a store was computed honestly: whoever rewrites masks, ``l0_pixels`` and
-``mask_hash`` together passes. Only a pinned content digest (docs/sharing.md) or recomputing the
-attack does.
+``mask_hash`` together (and the store's manifest, which every read is checked against) passes.
+Only a pinned content digest (docs/sharing.md) or recomputing the attack does.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ from __future__ import annotations
 import numpy as np
 
 from advpipe.pipeline.codecs import mask_hash
-
-#: a store without mask hashes is refused when more than this share of its rows with l0_pixels > 0
-#: have more mask pixels than l0_pixels (honest stores: about 1%)
-LEGACY_EXCESS_SHARE = 0.5
 
 
 def bad_rows(masks: np.ndarray, l0_pixels: np.ndarray, sample_hashes: np.ndarray,
@@ -46,13 +42,6 @@ def bad_rows(masks: np.ndarray, l0_pixels: np.ndarray, sample_hashes: np.ndarray
             why.append("mask differs from its recorded mask_hash")
         bad |= wrong
     return np.flatnonzero(bad), " or ".join(why)
-
-
-def excess_share(masks: np.ndarray, l0_pixels: np.ndarray) -> tuple[int, int]:
-    """Return (rows whose mask has more pixels than l0_pixels, rows with l0_pixels > 0)."""
-    pixels = masks.reshape(len(masks), -1).sum(axis=1, dtype=np.int64)
-    l0p = np.asarray(l0_pixels, dtype=np.int64)
-    return int(((pixels > l0p) & (l0p > 0)).sum()), int((l0p > 0).sum())
 
 
 def describe(bad: np.ndarray, total: int, why: str) -> str:

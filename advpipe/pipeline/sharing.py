@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import advpipe
-from advpipe.errors import AdvpipeError
-from advpipe.pipeline.location import Location
+from advpipe.errors import AdvpipeError, CannotRead, OverwriteRefused
+from advpipe.pipeline.location import BATCH_OBJECTS, Location
 from advpipe.pipeline.manifest import (
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
@@ -37,12 +37,11 @@ from advpipe.pipeline.provenance import now
 from advpipe.pipeline.remote import error_line, filesystem, is_url, protocol_of
 from advpipe.pipeline.store import open_store, verify_store
 from advpipe.progress import task
-from advpipe.utils import cache_dir
+from advpipe.utils import atomic_write_bytes, cache_dir
 
 __all__ = ["PackResult", "PublishResult", "PullResult", "pack", "publish", "pull", "pull_target"]
 
 MARKER_FORMAT = "advpipe-published/1"
-_BATCH_OBJECTS = 32
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def _sound_source(source: str) -> tuple[Location, Manifest]:
         manifest = loc.compute_manifest()
         if not loc.is_zip:
             try:
-                _write(Path(loc.root) / MANIFEST_KEY, manifest.raw)
+                atomic_write_bytes(Path(loc.root) / MANIFEST_KEY, manifest.raw)
             except OSError:
                 pass  # a read-only source: the manifest still travels with the upload
     return loc, manifest
@@ -150,7 +149,7 @@ def publish(source: str, url: str, *, storage_options: dict[str, Any] | None = N
     if existing and not overwrite:
         state = ("a published store" if PUBLISHED_KEY in existing else
                  "an unfinished publish or another upload (no completion marker)") if not is_zip else "an object"
-        raise AdvpipeError(f"{url} already holds {state}; pass overwrite to replace it", fields=("overwrite",))
+        raise OverwriteRefused(f"{url} already holds {state}; pass overwrite to replace it", fields=("overwrite",))
     loc, manifest = _sound_source(source)
     try:
         if loc.is_zip:
@@ -189,8 +188,8 @@ def _take_down(fs: Any, root: str, existing: set[str]) -> None:
 def _upload(fs: Any, root: str, loc: Location, manifest: Manifest) -> None:
     with task("publish", total=manifest.total_bytes + len(manifest.raw), unit="B") as bar:
         for phase in _phases(manifest):
-            for start in range(0, len(phase), _BATCH_OBJECTS):
-                batch = phase[start:start + _BATCH_OBJECTS]
+            for start in range(0, len(phase), BATCH_OBJECTS):
+                batch = phase[start:start + BATCH_OBJECTS]
                 blobs = {f"{root}/{key}": (manifest.raw if key == MANIFEST_KEY else _object(loc, manifest, key))
                          for key in batch}
                 fs.pipe(blobs)  # concurrent within the batch; the batch ends before the next begins
@@ -226,14 +225,6 @@ def _pulled(path: Path, digest: str) -> bool:
         return False
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write a file whole: to a temporary name, then renamed (a killed pull leaves no half object)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def pull(url: str, dest: str | os.PathLike[str] | None = None, *, storage_options: dict[str, Any] | None = None,
          digest: str | None = None) -> PullResult:
     """Download the store at ``url`` into ``dest`` (default: the cache folder of its digest), verifying every object.
@@ -247,7 +238,7 @@ def pull(url: str, dest: str | os.PathLike[str] | None = None, *, storage_option
         return PullResult(pull_target(loc.pin), loc.pin, 0, 0, 0, already=True)
     manifest = loc.load_manifest()
     if manifest is None and not loc.exists("zarr.json"):
-        raise AdvpipeError(f"cannot open mask store {loc.root}: {loc.missing or 'not found'}")
+        raise CannotRead(f"cannot open mask store {loc.root}: {loc.missing or 'not found'}")
     if manifest is None:
         raise AdvpipeError(f"{url} has no manifest ({MANIFEST_KEY}), so it cannot be pulled and verified; "
                            "its publisher makes one with `advpipe masks publish`")
@@ -278,10 +269,10 @@ def pull(url: str, dest: str | os.PathLike[str] | None = None, *, storage_option
             path = staging / key
             if not os.path.realpath(path).startswith(real + os.sep):
                 raise AdvpipeError(f"refusing to write {key!r} outside {staging}")
-            _write(path, data)
+            atomic_write_bytes(path, data)  # whole or not at all: a killed pull leaves no half object
             fetched += len(data)
             bar.advance(len(data))
-    _write(staging / MANIFEST_KEY, manifest.raw)
+    atomic_write_bytes(staging / MANIFEST_KEY, manifest.raw)
     problems = verify_store(staging, digest=manifest.digest)
     if problems:
         raise AdvpipeError(f"the copy of {url} in {staging} fails verification: {problems[0]}")
@@ -297,7 +288,7 @@ def pack(source: str, out: str | os.PathLike[str], *, overwrite: bool = False) -
     if out.suffix.lower() != ".zip":
         raise AdvpipeError(f"the single-file store must end in .zip, got {out}")
     if out.exists() and not overwrite:
-        raise AdvpipeError(f"{out} exists; pass overwrite to replace it", fields=("overwrite",))
+        raise OverwriteRefused(f"{out} exists; pass overwrite to replace it", fields=("overwrite",))
     loc, manifest = _sound_source(source)
     if loc.is_zip:
         raise AdvpipeError(f"{source} is already a single-file store")

@@ -57,19 +57,16 @@ def open_for_training(location: str, ds: DatasetSplit) -> MaskStore:
     """Open ``location`` read-only and refuse it unless it is complete and made for exactly ``ds``."""
     store = open_store(location)
     check_compatible(store, fingerprint=ds.fingerprint, split=ds.split, n=len(ds), image_shape=ds.image_shape)
-    if ds.in_memory:
-        # Per-sample hashes catch a store whose rows are in another order than this dataset's.
-        ours = sample_hash(ds.images.numpy(), layout="NCHW")
-        if store.pinned_equal("sample_hash", ours):  # proven by the pinned manifest, nothing fetched
-            store.known_sample_hashes = ours  # the mask-hash checks use them instead of fetching them
-            return store
-        theirs = store.sample_hashes()
-        bad = np.flatnonzero(ours != theirs)
-        if len(bad):
-            raise AdvpipeError(f"mask store {location}: {len(bad)} samples do not match the data by content hash "
-                               f"(first at index {int(bad[0])})")
-        store.known_sample_hashes = theirs
+    if ds.in_memory:  # per-sample hashes catch a store whose rows are in another order than this dataset's
+        store.check_samples(sample_hash(ds.images.numpy(), layout="NCHW"))
     return store
+
+
+def mask_reader(store: MaskStore, device: torch.device) -> "ResidentMasks | ChunkCache":
+    """Index -> (B,H,W) masks of ``store`` on ``device``: kept whole and bit-packed if small, else chunk by chunk."""
+    _, h, w = store.image_shape
+    packed_bytes = store.n * -(-h * w // 8)
+    return ResidentMasks(store, device) if packed_bytes <= RESIDENT_LIMIT_BYTES else ChunkCache(store, device)
 
 
 class ResidentMasks:
@@ -201,8 +198,5 @@ def attack_mask_source(location: str | None, ds: DatasetSplit, device: torch.dev
     location = location or find_store(ds)
     store = open_for_training(location, ds)
     _, h, w = store.image_shape
-    packed_bytes = store.n * -(-h * w // 8)
-    log.info("attack masks from %s (%d masks, %.1f MB packed)", location, store.n, packed_bytes / 1e6)
-    if packed_bytes <= RESIDENT_LIMIT_BYTES:
-        return ResidentMasks(store, device)
-    return ChunkCache(store, device)
+    log.info("attack masks from %s (%d masks, %.1f MB packed)", location, store.n, store.n * -(-h * w // 8) / 1e6)
+    return mask_reader(store, device)

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, CannotRead
 from advpipe.pipeline.codecs import ARRAYS, DONE_ARRAY
 from advpipe.pipeline.layout import layout_problem
-from advpipe.pipeline.provenance import SUMMARY_STATS
-from advpipe.pipeline.reader import MaskStore, damage_text, open_store
-from advpipe.pipeline.remote import error_line, is_network_error
+from advpipe.pipeline.provenance import SUMMARY_STATS, summary_of
+from advpipe.pipeline.reader import MaskStore, damage_text
+from advpipe.pipeline.remote import is_network_error, read_error
 from advpipe.pipeline.rows import bad_rows, describe
 from advpipe.progress import track
 
@@ -49,7 +49,8 @@ def verify_store(
     raises AdvpipeError (``cannot read ...``) instead.
     """
     try:
-        store = open_store(path_or_url, storage_options=storage_options, digest=digest)
+        # every object is checked against the manifest once, below, so that each difference is listed
+        store = MaskStore(path_or_url, storage_options=storage_options, digest=digest, check_manifest=False)
     except AdvpipeError as exc:
         return [str(exc)]
     problems: list[str] = store.location.manifest_problems()
@@ -105,6 +106,7 @@ def _metadata_problems(store: MaskStore) -> list[str]:
     """Each array's own zarr.json must describe the same array as the consolidated copy readers use."""
     import json
 
+    from zarr.core.array import Array, AsyncArray
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
     problems = []
@@ -118,10 +120,8 @@ def _metadata_problems(store: MaskStore) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - any malformed document
             problems.append(f"array {name!r}: {name}/zarr.json is not valid array metadata ({type(exc).__name__})")
             continue
-        shape, chunks, dtype = arr.shape, arr.chunks, arr.dtype
-        view = type("Own", (), {"shape": own.shape, "chunks": own.chunk_grid.chunk_shape, "shards": None,
-                                "dtype": own.dtype.to_native_dtype(), "metadata": own})()
-        if problem := layout_problem(name, view, shape, chunks, dtype):  # type: ignore[arg-type]
+        view = Array(AsyncArray(own, arr.store_path))  # the array its own document describes; never read
+        if problem := layout_problem(name, view, arr.shape, arr.chunks, arr.dtype):
             problems.append(f"{name}/zarr.json differs from the consolidated metadata: {problem}")
     return problems
 
@@ -144,9 +144,9 @@ def _done_flags(store: MaskStore, listing: dict[str, int] | None, problems: list
     if listing is None:
         try:
             return store.chunk_done().astype(bool)
+        except CannotRead:
+            raise
         except AdvpipeError as exc:
-            if str(exc).startswith("cannot read "):
-                raise
             problems.append(str(exc))
             return np.zeros(store.n_chunks, dtype=bool)
     done = np.zeros(store.n_chunks, dtype=bool)
@@ -180,7 +180,7 @@ def _read_chunk(store: MaskStore, i: int, listing: dict[str, int] | None,
             problems.append(f"array {name!r} chunk {i}: file {store.location.name(key)} is corrupt ({exc})")
         except Exception as exc:  # noqa: BLE001 - crc32c, zstd and packbits each fail differently
             if is_network_error(exc):
-                raise AdvpipeError(f"cannot read {store.location.name(key)}: {error_line(exc, store.location.root)}") from exc
+                raise read_error(store.location.name(key), exc, store.location.root) from exc
             state = ("is missing" if isinstance(exc, FileNotFoundError)
                      else f"is corrupt ({type(exc).__name__}: {damage_text(exc)})")
             problems.append(f"array {name!r} chunk {i}: file {store.location.name(key)} {state}")
@@ -214,15 +214,9 @@ class _Summary:
                 self.norms[name].append(chunk[name][chosen])
 
     def summary(self, n: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": n, "n_clean_correct": self.attacked, "n_success": self.successes,
-                               "asr": self.successes / self.attacked if self.attacked else None}
-        for name in SUMMARY_STATS:
-            if self.successes == 0:
-                out[f"{name}_mean"] = out[f"{name}_median"] = None
-            elif self.successes <= _MEDIAN_LIMIT:
-                values = np.concatenate(self.norms[name]).astype(np.float64)
-                out[f"{name}_mean"], out[f"{name}_median"] = float(values.mean()), float(np.median(values))
-        return out
+        norms = ({name: np.concatenate(parts) for name, parts in self.norms.items()}
+                 if self.successes <= _MEDIAN_LIMIT else None)  # beyond, means and medians are not compared
+        return summary_of(n, self.attacked, self.successes, norms)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -22,7 +22,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, OverwriteRefused
 from advpipe.pipeline.codecs import ARRAYS, ATTRS_KEY, DONE_ARRAY, METRICS, codec_kwargs, mask_hash, quiet_zarr
 from advpipe.pipeline.layout import Chunked, check_chunk_bytes, expected_layout, open_arrays
 from advpipe.pipeline.location import write_manifest
@@ -141,13 +141,11 @@ def create_store(
             diff = config_diff(config_of(old), config_of(attrs))
             if old["status"] == "complete":
                 made = f" (it was made for another configuration: {'; '.join(diff)})" if diff else ""
-                raise AdvpipeError(f"mask store {path} is complete and immutable{made}; "
-                                   "pass overwrite=True to recompute it")
+                raise OverwriteRefused(f"mask store {path} is complete and immutable{made}; pass overwrite to "
+                                       "recompute it", fields=("overwrite",))
             if diff:
-                raise AdvpipeError(
-                    f"mask store {path} was made for another configuration ({'; '.join(diff)}); "
-                    "pass overwrite=True to replace it"
-                )
+                raise OverwriteRefused(f"mask store {path} was made for another configuration ({'; '.join(diff)}); "
+                                       "pass overwrite to replace it", fields=("overwrite",))
             writer = MaskStoreWriter(path, lock.token, owns_lock=True)
             writer._set_attrs({**old, "resumed": [*old.get("resumed", []), {"time": now(), "versions": versions()}]})
             log.info("resuming mask store %s: %d of %d chunks pending", path, len(writer.pending_chunks()), writer.n_chunks)

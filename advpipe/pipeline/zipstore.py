@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from zarr.storage import ZipStore
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, CannotRead
 from advpipe.pipeline.manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, MAX_OBJECTS, UNLISTED, check_key, size_limit
-from advpipe.pipeline.remote import error_line
+from advpipe.pipeline.remote import error_line, read_error
 
 
 class ZipReader(ZipStore):
@@ -37,9 +37,9 @@ class ZipReader(ZipStore):
         except AdvpipeError:
             raise
         except zipfile.BadZipFile as exc:
-            raise AdvpipeError(f"cannot open mask store {self.where}: not a zip file ({exc})") from exc
+            raise CannotRead(f"cannot open mask store {self.where}: not a zip file ({exc})") from exc
         except Exception as exc:  # noqa: BLE001 - fsspec backends raise their own types
-            raise AdvpipeError(f"cannot open mask store {self.where}: {error_line(exc, self.where)}") from exc
+            raise CannotRead(f"cannot open mask store {self.where}: {error_line(exc, self.where)}") from exc
         self._sizes = check_zip(self._zf, self.where)
         self._is_open = True
 
@@ -59,7 +59,7 @@ class ZipReader(ZipStore):
             with self._lock, self._zf.open(key) as fh:
                 return fh.read()
         except Exception as exc:  # noqa: BLE001 - bad CRC, truncated archive, remote failure
-            raise AdvpipeError(f"cannot read {self.where}/{key}: {error_line(exc, self.where)}") from exc
+            raise read_error(f"{self.where}/{key}", exc, self.where) from exc
 
 
 def check_zip(zf: zipfile.ZipFile, where: str) -> dict[str, int]:

@@ -74,7 +74,9 @@ def test_damaged_chunk_named_by_verify_and_refused_by_training(array: str, chunk
     printed = command_stderr(trained.stderr)
     lines = error_lines(printed)
     assert trained.returncode == 2 and "Traceback" not in printed, trained.stderr[-3000:]
-    assert len(lines) == 1 and str(store) in lines[0] and f"'{array}'" in lines[0], trained.stderr[-3000:]
+    # the object differs from the store's own manifest, checked as it is read (issue 24)
+    assert len(lines) == 1 and str(store) in lines[0] and f"object '{array}/c/{chunk}" in lines[0] \
+        and "differs from manifest" in lines[0], trained.stderr[-3000:]
     assert not (run / "last.pt").exists()  # refused before any training step
 
 

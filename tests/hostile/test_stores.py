@@ -92,6 +92,11 @@ def _mask_chunk(store: Path, i: int) -> Path:
     return store / "masks" / "c" / str(i) / "0" / "0"
 
 
+def _drop_manifest(store: Path) -> None:
+    """Delete the store's manifest, as a forger would: every object read is checked against it (issue 24)."""
+    (store / "advpipe.manifest.json").unlink()
+
+
 # -- class 1: masks tied to the rows that describe them ----------------------------------------------------------
 def test_lying_masks_are_refused_naming_the_rows(store: Path, tmp_path: Path, pristine: Path) -> None:
     swapped = Path(shutil.copytree(store, tmp_path / "swapped.zarr"))
@@ -99,6 +104,8 @@ def test_lying_masks_are_refused_naming_the_rows(store: Path, tmp_path: Path, pr
     data_a, data_b = a.read_bytes(), b.read_bytes()
     a.write_bytes(data_b)
     b.write_bytes(data_a)
+    refused(_show(str(swapped), tmp_path), "object 'masks/c/1/0/0' differs from manifest")  # its own manifest
+    _drop_manifest(swapped)  # a forger would: the rows still give the swap away
     line = refused(_show(str(swapped), tmp_path), "masks disagree with their rows", "first indices [16,")
     assert "mask_hash" in line
     report = refused(run("masks", "verify", str(swapped)), "chunk 1:", "chunk 2:", "disagree with their rows", rc=1)
@@ -108,6 +115,7 @@ def test_lying_masks_are_refused_naming_the_rows(store: Path, tmp_path: Path, pr
         forged = Path(shutil.copytree(store, tmp_path / f"all-{value}.zarr"))
         masks = zarr.open_group(str(forged), mode="r+")["masks"]
         masks.with_config({"write_empty_chunks": True})[...] = np.full(masks.shape, value)
+        _drop_manifest(forged)
         refused(_show(str(forged), tmp_path), "masks disagree with their rows", "first indices [")
         refused(run("masks", "verify", str(forged)), "disagree with their rows", rc=1)
 
@@ -134,6 +142,7 @@ def _edit_masks_metadata(store: Path, edit) -> None:
 
 
 def test_metadata_that_would_read_fill_values_or_skip_checksums_is_refused(store: Path, tmp_path: Path) -> None:
+    _drop_manifest(store)
     v2 = Path(shutil.copytree(store, tmp_path / "v2.zarr"))
     _edit_masks_metadata(v2, lambda m: m.update(chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}},
                                                 fill_value=True))
@@ -269,6 +278,8 @@ def test_messages_never_leak_files_and_summaries_never_lie(store: Path, tmp_path
     root["attributes"]["advpipe"]["summary"]["asr"] = 0.123
     root["attributes"]["advpipe"]["model"]["arch"] = "[/red][bold]x"  # store text is never rich markup
     (lying / "zarr.json").write_text(json.dumps(root))
+    refused(run("masks", "info", str(lying)), "object 'zarr.json' differs from manifest")  # its own manifest
+    (lying / "advpipe.manifest.json").unlink()  # a forger drops it: the summary is still checked
     info = run("masks", "info", str(lying))
     assert info["rc"] == 0 and "Traceback" not in info["out"], info["out"]
     assert "warning: the stored summary disagrees with the arrays (asr: stored 0.123" in info["out"]
@@ -301,3 +312,60 @@ def test_overwrite_through_a_symlink_and_a_nested_zarr_json(tmp_path: Path, ds) 
     (nested / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(AdvpipeError, match="is not an advpipe mask store .*nests too deeply"):
         create_store(nested, n=N, image_shape=ds.image_shape, chunk_size=CHUNK, provenance=caller, overwrite=True)
+
+
+# -- issue 24: training trusts no less than `masks verify` -------------------------------------------------------
+def _random_masks_same_counts(store: Path) -> None:
+    """Move every mask to random pixels, keeping each row's pixel count, and recompute ``mask_hash`` to match."""
+    from advpipe.pipeline.codecs import mask_hash
+
+    group = zarr.open_group(str(store), mode="r+")
+    masks = group["masks"][:]
+    rng = np.random.default_rng(0)
+    moved = np.stack([rng.permutation(m.ravel()).reshape(m.shape) for m in masks])
+    assert (moved != masks).any() and (moved.sum((1, 2)) == masks.sum((1, 2))).all()
+    group["masks"].with_config({"write_empty_chunks": True})[...] = moved
+    group["mask_hash"][...] = mask_hash(moved, group["sample_hash"][:])
+
+
+def _drop_mask_hashes(store: Path) -> None:
+    """Delete the ``mask_hash`` array and its rule attribute: what once made a store read as written before them."""
+    shutil.rmtree(store / "mask_hash")
+    root = json.loads((store / "zarr.json").read_text())
+    del root["consolidated_metadata"]["metadata"]["mask_hash"]
+    del root["attributes"]["advpipe"]["mask_hash"]
+    (store / "zarr.json").write_text(json.dumps(root))
+
+
+def _train(store: Path, tmp_path: Path) -> dict:
+    return run("train", "--data", "embedded", "--limit", str(N), "--epochs", "1", "--batch-size", "16",
+               "--device", "cpu", "--aug", "advmask", "--masks", str(store), "--out", str(tmp_path / "run"))
+
+
+def test_training_refuses_what_verify_refuses(store: Path, tmp_path: Path) -> None:
+    import advpipe
+    from advpipe.errors import AdvpipeError, DamagedStore
+    from advpipe.pipeline.location import write_manifest
+
+    # masks moved with their hashes recomputed, the store's own manifest left as it was
+    moved = Path(shutil.copytree(store, tmp_path / "moved.zarr"))
+    _random_masks_same_counts(moved)
+    refused(run("masks", "verify", str(moved)), "differs from manifest", rc=1)
+    refused(_train(moved, tmp_path), "mask store", "object 'masks/c/0/0/0' differs from manifest sha256:")
+    assert not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(DamagedStore, match="differs from manifest"):
+        advpipe.open_masks(moved).masks(range(N))
+
+    # the same store with its mask hashes deleted and its manifest rewritten: refused, saying how to recompute it
+    legacy = Path(shutil.copytree(moved, tmp_path / "legacy.zarr"))
+    _drop_mask_hashes(legacy)
+    write_manifest(legacy)
+    result = _train(legacy, tmp_path)
+    line = refused(result, "predates per-sample mask hashes", "refusing it",
+                   "Recompute it: advpipe precompute-masks --data embedded --split train")
+    assert "--overwrite" in line and "WARNING" not in result["out"]  # no longer read with a warning
+    assert not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(AdvpipeError, match="predates per-sample mask hashes"):
+        advpipe.open_masks(legacy)
+    refused(run("masks", "verify", str(legacy)), "predates per-sample mask hashes", rc=1)
+    assert advpipe.open_masks(store).masks(range(N)).shape == (N, 32, 32)  # the honest store reads
