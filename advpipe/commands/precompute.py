@@ -17,6 +17,11 @@ def precompute_masks(
     model: Optional[str] = typer.Option(None, "--model", help="Architecture; its checkpoint defaults to "
                                         "runs/<data>/<model>/none/best.pt (what `advpipe train` writes)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Attack this .pt file instead."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Attack --model with these weights instead "
+                                             "of a trained checkpoint: a .safetensors/.pth file, torchvision or timm."),
+    small_stem: bool = typer.Option(False, "--small-stem", help="With --pretrained: ResNet stem for small inputs."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="With --pretrained: resize images to this size."),
+    download: bool = typer.Option(False, "--download", help="With --pretrained torchvision/timm: fetch missing weights."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset (default: the checkpoint's, else embedded)."),
     data_dir: Optional[str] = DataDirOpt,
     split: str = typer.Option("train", "--split", help="train or test."),
@@ -54,6 +59,7 @@ def precompute_masks(
     sizes = {k: v for k, v in (("batch_size", batch_size), ("chunk_size", chunk_size)) if v is not None}
     cfg = PrecomputeConfig(
         data=data, model=model, checkpoint=str(checkpoint) if checkpoint is not None else None, split=split,
+        pretrained=pretrained, small_stem=small_stem, image_size=image_size, download=download,
         data_dir=data_dir, limit=limit, eps=eps_value, steps=steps, encoder=encoder, targeted=targeted,
         attack_options=parse_key_values(attack_opt or [], "--attack-opt"), precision=precision,
         workers=workers, scheduler=scheduler,
