@@ -38,9 +38,12 @@ def train(
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
     val_size: Optional[int] = typer.Option(None, "--val-size", help="Hold N training samples out (drawn by --seed) and choose best.pt on them."),
     test_subset: Optional[int] = typer.Option(None, "--test-subset", help="Evaluate each epoch on a fixed N-image test subset (default 2000; 0: all); the last epoch uses the full test set."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize folder images to this size."),
-    download: Optional[bool] = typer.Option(None, "--download", help="Fetch CIFAR with torchvision (needs internet)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `advpipe info`); default resnet20."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Read image-file datasets at this size (folder 224, tinyimagenet 64, flowers102 224)."),
+    crop: Optional[str] = typer.Option(None, "--crop", help="Training crop: pad (pad-4 random crop, default) or random-resized (RandomResizedCrop, for fine-tuning at 224); masks follow either."),
+    download: Optional[bool] = typer.Option(None, "--download", help="Fetch CIFAR, or the --pretrained torchvision/timm weights (needs internet)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Architecture (see `advpipe info`), torchvision:NAME or timm:NAME; default resnet20."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Start from weights: a .safetensors/.pth file, or torchvision / timm (the library's cached weights); the head is replaced for the data's classes."),
+    small_stem: Optional[bool] = typer.Option(None, "--small-stem", help="ResNet stem for small inputs: stride-1 first conv, no max-pool (e.g. 64x64)."),
     aug: Optional[str] = typer.Option(None, "--aug", help="AUGMENTATION, METHOD or AUGMENTATION+METHOD; default none."),
     masks: Optional[str] = typer.Option(None, "--masks", help="Mask store path or URL for --aug advmask."),
     masks_digest: Optional[str] = typer.Option(None, "--masks-digest", help="Refuse the --masks store unless its content digest is this sha256:... (docs/sharing.md)."),
@@ -62,7 +65,7 @@ def train(
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<data>/<model>/<aug>/)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader worker processes for image folders."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Loader threads that decode image-file datasets (default 2)."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Train with DDP on N local processes (launches torchrun)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run folder from last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run folder."),
@@ -85,8 +88,8 @@ def train(
         if not (masks or file_values.get("masks")):
             raise AdvpipeError("--masks-digest pins the store given with --masks; pass --masks too")
         masks = pin_location(masks or file_values["masks"], masks_digest)
-    overrides = dict(data=data, data_dir=data_dir, limit=limit, val_size=val_size, test_subset=test_subset, image_size=image_size, download=download,
-                     model=model, aug=aug, masks=masks, epochs=epochs, batch_size=batch_size, lr=lr,
+    overrides = dict(data=data, data_dir=data_dir, limit=limit, val_size=val_size, test_subset=test_subset, image_size=image_size, crop=crop, download=download,
+                     model=model, pretrained=pretrained, small_stem=small_stem, aug=aug, masks=masks, epochs=epochs, batch_size=batch_size, lr=lr,
                      weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, precision=precision,
                      out=out_dir, seed=seed, device=device, workers=workers,
                      resume=resume or None, overwrite=overwrite or None)

@@ -2,14 +2,17 @@
 
 Every split has a stable index order (file order for CIFAR, sorted paths for folders) and a
 fingerprint over its content; ``--limit N`` keeps the first N samples and so gets its own
-fingerprint. CIFAR-sized splits live in memory as a uint8 (N,C,H,W) tensor; image folders stay on
-disk and are read lazily.
+fingerprint. CIFAR-sized splits live in memory as a uint8 (N,C,H,W) tensor; image-file splits
+(``folder`` here, ``tinyimagenet`` and ``flowers102`` in their own modules) list their files and
+are decoded once into the image cache when they fit (:meth:`DatasetSplit.decoded_images`), else
+streamed. ``NAME:OPTION`` passes an option to the datasets that take one (``flowers102-random:SEED``).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from advpipe.data.decode import MAX_IMAGE_PIXELS, RESIZE_POLICIES, decode_files, read_image  # noqa: F401 (re-exported)
 from advpipe.data.fingerprint import cached_fingerprint, file_stat_key, fingerprint_arrays
 from advpipe.errors import AdvpipeError
 from advpipe.registry import Registry
@@ -65,6 +69,8 @@ class DatasetSplit:
     images: torch.Tensor | None = None  # uint8 (N,C,H,W) when in memory
     files: list[Path] | None = None  # image paths when read lazily
     fingerprint_fn: Callable[[], str] | None = field(default=None, repr=False)
+    resize: str = "squash"  # how files reach image_shape: squash or center-crop (advpipe/data/decode.py)
+    decoded: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the image cache, once loaded
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -88,39 +94,35 @@ class DatasetSplit:
         return fingerprint_arrays(self.images.permute(0, 2, 3, 1).numpy(), self.labels.numpy())
 
     def load_images(self, index: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Return uint8 (B,C,H,W) images for the given dataset indices."""
+        """Return contiguous uint8 (B,C,H,W) images for the given dataset indices (file splits: only those files are read)."""
+        held = self.images if self.images is not None else self.decoded
+        if held is not None:
+            return held[torch.as_tensor(index, dtype=torch.long)].contiguous()
+        files = [self.files[int(i)] for i in index]  # type: ignore[index]
+        return decode_files(files, self.image_shape[-1], self.resize).contiguous()
+
+    def decoded_images(self, threads: int = 1) -> torch.Tensor | None:
+        """All images as one channels_last uint8 (N,C,H,W) tensor, or None for a file split over the cache bound.
+
+        A file split is decoded once (on ``threads`` threads) into the image cache keyed by its
+        fingerprint, size and resize policy (:mod:`advpipe.data.cache`), then kept here.
+        """
         if self.images is not None:
-            return self.images[torch.as_tensor(index, dtype=torch.long)]
-        return torch.stack([read_image(self.files[int(i)], self.image_shape[1:]) for i in index])  # type: ignore[index]
+            if self.decoded is None:  # one channels_last copy, shared by every loader of this split
+                self.decoded = self.images.contiguous(memory_format=torch.channels_last)
+            return self.decoded
+        if self.decoded is None and self.files is not None:
+            from advpipe.data.cache import decoded_split, fits
 
+            if fits(len(self.files), self.image_shape[-1]):
+                self.decoded = decoded_split(self.files, self.image_shape[-1], self.resize, self.fingerprint,
+                                             threads=threads)
+        return self.decoded
 
-#: the most pixels an image file may declare before it is decoded (PIL's own default bound, about
-#: 9459 x 9459; about 270 MB decoded as RGB): a larger one is refused, not decompressed
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-def read_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Read an image file as uint8 (3,H,W), resized to ``size``; unreadable or oversized files raise AdvpipeError."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:  # reads the header only
-                width, height = img.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise AdvpipeError(f"image {str(path)!r} declares {width}x{height} pixels, over the "
-                                       f"{MAX_IMAGE_PIXELS:,}-pixel bound; it is not decoded")
-                img = img.convert("RGB")
-                if img.size != (size[1], size[0]):
-                    img = img.resize((size[1], size[0]), Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        # PIL reports a truncated or foreign file as OSError (UnidentifiedImageError), some plugins as SyntaxError
-        raise AdvpipeError(f"cannot read image {str(path)!r}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["decoded"] = None  # a process that unpickles a split reads its own cache, not a copy sent along
+        return state
 
 
 DatasetLoader = Callable[..., DatasetSplit]
@@ -141,14 +143,26 @@ def load_dataset(
     image_size: int | None = None,
     download: bool = False,
 ) -> DatasetSplit:
-    """Load a split of a registered dataset, optionally keeping only the first ``limit`` samples."""
-    loader = DATASETS.get(name)
+    """Load a split of a registered dataset, optionally keeping only the first ``limit`` samples.
+
+    ``name`` may be ``NAME:OPTION`` for a dataset that takes an option (e.g. ``flowers102-random:7``,
+    the split seed); the split keeps the whole name.
+    """
+    base, colon, option = name.partition(":")
+    loader = DATASETS.get(base)
+    takes_option = "option" in inspect.signature(loader).parameters
+    if colon and not takes_option:
+        raise AdvpipeError(f"dataset {base!r} takes no option (got {name!r})", fields=("data",))
     if split not in SPLITS:
         raise AdvpipeError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     if limit is not None and limit <= 0:
         raise AdvpipeError(f"limit must be a positive number of samples, got {limit}", fields=("limit",))
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    ds = loader(split=split, root=root, image_size=image_size, download=download)
+    if image_size is not None and image_size < 1:
+        raise AdvpipeError(f"image_size must be a positive number, got {image_size}", fields=("image_size",))
+    extra = {"option": option or None} if takes_option else {}
+    ds = loader(split=split, root=root, image_size=image_size, download=download, **extra)
+    ds.name = name
     return apply_limit(ds, limit) if limit is not None and limit < len(ds) else ds
 
 
@@ -158,10 +172,12 @@ def apply_limit(ds: DatasetSplit, limit: int) -> DatasetSplit:
     images = ds.images[:limit].clone() if ds.images is not None else None
     files = ds.files[:limit] if ds.files is not None else None
     out = DatasetSplit(ds.name, ds.split, ds.labels[:limit].clone(), ds.class_names, ds.mean, ds.std,
-                       ds.image_shape, images=images, files=files)
+                       ds.image_shape, images=images, files=files, resize=ds.resize)
     if files is not None and parent_fp is not None:
-        # a partial, not a lambda: lazy splits travel to spawned loader workers by pickle
-        out.fingerprint_fn = functools.partial(folder_fingerprint, files, out.labels, ds.image_shape)
+        # a partial, not a lambda: lazy splits travel to spawned processes by pickle
+        out.fingerprint_fn = functools.partial(folder_fingerprint, files, out.labels, ds.image_shape, ds.resize)
+        if ds.decoded is not None:
+            out.decoded = ds.decoded[:limit]
     return out
 
 
@@ -308,24 +324,46 @@ def _synthetic(*, split: str, root: Path, image_size: int | None, download: bool
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
-def folder_fingerprint(files: list[Path], labels: torch.Tensor, image_shape: tuple[int, ...]) -> str:
-    """Fingerprint an image folder split over its files' bytes, labels and the resized shape."""
+def folder_fingerprint(files: list[Path], labels: torch.Tensor, image_shape: tuple[int, ...],
+                       resize: str = "squash") -> str:
+    """Fingerprint an image-file split over its files' bytes, labels, the resized shape and the resize policy.
+
+    The ``squash`` policy (the ``folder`` dataset's) leaves the policy out of the hash, so folder
+    fingerprints stay those of earlier versions.
+    """
+    policy = "" if resize == "squash" else f"resize={resize}|"
 
     def compute() -> str:
-        h = hashlib.sha256(f"advpipe-fp1-folder|{tuple(image_shape)}|{len(files)}|".encode())
+        h = hashlib.sha256(f"advpipe-fp1-folder|{tuple(image_shape)}|{len(files)}|{policy}".encode())
         for path in files:
             with open(path, "rb") as fh:
                 h.update(hashlib.sha256(fh.read()).digest())
         h.update(labels.numpy().astype("<i8").tobytes())
         return "sha256:" + h.hexdigest()
 
-    key = {"folder": [file_stat_key(p) for p in files], "shape": list(image_shape)}
+    # the labels are in the key: Tiny-ImageNet's val labels come from a file the stats do not cover
+    key = {"folder": [file_stat_key(p) for p in files], "shape": list(image_shape),
+           "labels": hashlib.sha256(labels.numpy().astype("<i8").tobytes()).hexdigest()}
+    if policy:
+        key["resize"] = resize
     return cached_fingerprint(key, compute)
+
+
+def file_split(name: str, split: str, files: list[Path], labels: list[int], classes: list[str], size: int,
+               resize: str) -> DatasetSplit:
+    """A split read from image files at ``size`` x ``size`` by ``resize``, with ImageNet normalization."""
+    if resize not in RESIZE_POLICIES:
+        raise AdvpipeError(f"unknown resize policy {resize!r}; choose one of: {', '.join(RESIZE_POLICIES)}")
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    shape = (3, size, size)
+    ds = DatasetSplit(name, split, labels_t, classes, IMAGENET_MEAN, IMAGENET_STD, shape, files=files, resize=resize)
+    ds.fingerprint_fn = functools.partial(folder_fingerprint, files, labels_t, shape, resize)  # picklable
+    return ds
 
 
 @DATASETS.register("folder")
 def _folder(*, split: str, root: Path, image_size: int | None, download: bool) -> DatasetSplit:
-    """An ImageFolder-style tree ``root/{train,val|test}/<class>/<image>``, read lazily and resized."""
+    """An ImageFolder-style tree ``root/{train,val|test}/<class>/<image>``, squashed to ``image_size`` (224)."""
     names = ["train"] if split == "train" else ["val", "test"]
     folder = next((root / n for n in names if (root / n).is_dir()), None)
     if folder is None:
@@ -343,9 +381,7 @@ def _folder(*, split: str, root: Path, image_size: int | None, download: bool) -
                 labels.append(label)
     if not files:
         raise AdvpipeError(f"no images found in {folder} (expected <class>/<image> files with one of {sorted(IMAGE_EXTENSIONS)})")
-    size = image_size or 224
-    labels_t = torch.tensor(labels, dtype=torch.long)
-    shape = (3, size, size)
-    ds = DatasetSplit("folder", split, labels_t, classes, IMAGENET_MEAN, IMAGENET_STD, shape, files=files)
-    ds.fingerprint_fn = functools.partial(folder_fingerprint, files, labels_t, shape)  # picklable for workers
-    return ds
+    return file_split("folder", split, files, labels, classes, image_size or 224, "squash")
+
+
+from advpipe.data import flowers, tinyimagenet  # noqa: E402,F401  (they register their datasets)

@@ -1,23 +1,27 @@
 """Batches on the device: shuffling, pad-crop/flip and float conversion happen where training runs.
 
-In-memory datasets (all CIFAR-sized ones) keep their uint8 tensor on the device and gather each
-batch by index. Lazy datasets (image folders) go through a torch DataLoader with workers and
-pinned memory, then reach the same device-side transform. Side data (per-sample (H,W) tensors
-such as attack masks) is looked up by dataset index, or computed from the batch's images as they
-are stored (:class:`FromImages`, e.g. Harris corners), and goes through the same crop and flip.
+In-memory datasets (all CIFAR-sized ones, and image-file splits that fit the image cache, see
+:mod:`advpipe.data.cache`) keep their uint8 tensor on the device and gather each batch by index.
+Larger image-file splits are streamed: each batch's files are read and decoded on a pool of
+``workers`` threads (on CUDA the JPEGs are decoded on the GPU), one batch ahead, then reach the
+same device-side transform. Side data (per-sample (H,W) tensors such as attack masks) is looked up
+by dataset index, or computed from the batch's images as they are stored (:class:`FromImages`,
+e.g. Harris corners), and goes through the same crop (pad-crop or RandomResizedCrop) and flip.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
-from advpipe.data.transforms import apply_crop_flip, sample_crop_flip
+from advpipe.data.decode import decode_batch
+from advpipe.data.transforms import apply_crop_flip, apply_resized_crop, sample_crop_flip, sample_resized_crop
+from advpipe.errors import AdvpipeError
 from advpipe.rng import epoch_seed  # noqa: F401  (re-exported: advpipe.data.loader.epoch_seed)
 
 
@@ -54,18 +58,8 @@ def block_shuffle(n: int, block: int, window: int, generator: torch.Generator) -
         parts.append(index[torch.randperm(len(index), generator=generator)])
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-
-class _IndexedImages(Dataset):
-    """Reads single images of a lazy split for the DataLoader, returning (image, label, index)."""
-
-    def __init__(self, ds: DatasetSplit) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.ds.load_images([i])[0], int(self.ds.labels[i]), i
+#: the training crops: the pad-and-crop of CIFAR, or RandomResizedCrop (fine-tuning at 224)
+CROPS = ("pad", "random-resized")
 
 
 class DeviceLoader:
@@ -78,6 +72,10 @@ class DeviceLoader:
     split), which keep their dataset index, so side data still lines up. A side source with a
     ``shuffle_blocks`` attribute (block, window) makes the training order chunk-aware
     (:func:`block_shuffle`); one with a ``plan`` method is told each epoch's order before it starts.
+    ``crop="random-resized"`` replaces the pad-and-crop of training batches by a RandomResizedCrop
+    (scale (0.08, 1), ratio (3/4, 4/3)) back to the stored size; side data follows it (nearest).
+    An image-file split is decoded once into memory when it fits the image cache (on ``workers``
+    threads), else streamed batch by batch.
     """
 
     def __init__(
@@ -96,8 +94,12 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
         indices: torch.Tensor | None = None,
+        crop: str = "pad",
     ) -> None:
-        """Prepare batches of ``ds``; in-memory images are moved to ``device`` once, here."""
+        """Prepare batches of ``ds``; in-memory (or cached) images are moved to ``device`` once, here."""
+        if crop not in CROPS:
+            raise AdvpipeError(f"unknown crop {crop!r}; choose one of: {', '.join(CROPS)}", fields=("crop",))
+        self.crop = crop
         self.ds = ds
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -113,7 +115,8 @@ class DeviceLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.long).cpu()
-        self.images = ds.images.to(self.device) if ds.in_memory else None
+        held = ds.decoded_images(threads=max(1, workers))  # channels_last: crops, flips and floats keep it
+        self.images = held.to(self.device, memory_format=torch.channels_last) if held is not None else None
         self.labels = ds.labels.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
@@ -163,29 +166,49 @@ class DeviceLoader:
             order_dev = order.to(self.device)
             for start in range(0, len(order_dev), self.batch_size):
                 index = order_dev[start : start + self.batch_size]
-                yield index, self.images.index_select(0, index)
+                # index_select along N of the (N,H,W,C) memory: the batch stays channels_last
+                yield index, self.images.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
             return
-        loader = DataLoader(
-            _IndexedImages(self.ds),
-            batch_size=self.batch_size,
-            sampler=order.tolist(),
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            multiprocessing_context="spawn" if self.workers > 0 else None,
-        )
-        for images, _, index in loader:
-            yield index.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True)
+        yield from self._stream(order)
+
+    def _stream(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode the files of each batch on ``workers`` threads, the next batch while this one is used."""
+        files, size, policy = self.ds.files, self.ds.image_shape[-1], self.ds.resize
+        assert files is not None
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 0 else None
+        ahead = ThreadPoolExecutor(max_workers=1)  # one batch in flight: memory stays at two batches
+
+        def load(index: torch.Tensor) -> torch.Tensor:
+            return decode_batch([files[i] for i in index.tolist()], size, policy, device=self.device, pool=pool)
+
+        try:
+            pending = ahead.submit(load, batches[0]) if batches else None
+            for k, index in enumerate(batches):
+                assert pending is not None
+                images = pending.result()
+                pending = ahead.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
+                yield index.to(self.device), images
+        finally:
+            ahead.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _finish(self, index: torch.Tensor, images: torch.Tensor, gen: torch.Generator) -> Batch:
         """Look up labels and side data, run crop/flip on all of them, convert images to float."""
         side = {name: self._side(src, index, images) for name, src in self.side.items()}
-        if self.train and (self.pad or self.flip):
+        if self.train and self.crop == "random-resized":
+            params = sample_resized_crop(len(index), *images.shape[-2:], flip=self.flip, generator=gen,
+                                         device=self.device)
+            images = apply_resized_crop(images, params)
+            side = {name: apply_resized_crop(t, params, mode="nearest") for name, t in side.items()}
+        elif self.train and (self.pad or self.flip):
             params = sample_crop_flip(len(index), pad=self.pad, flip=self.flip, generator=gen, device=self.device)
             images = apply_crop_flip(images, params)
             side = {name: apply_crop_flip(t, params) for name, t in side.items()}
-        # channels_last on every device: oneDNN's CPU convolutions gain too (benchmarks/README.md)
-        floats = images.float().div_(255).contiguous(memory_format=torch.channels_last)
+        # channels_last on every device: oneDNN's CPU convolutions gain too (benchmarks/README.md); a
+        # channels_last uint8 batch (the in-memory path) is converted in one pass, without a layout copy
+        floats = images.div(255.0).contiguous(memory_format=torch.channels_last)
         return Batch(floats, self.labels[index], index, side)
 
     def _side(self, src: SideSource, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,11 @@ class TrainConfig:
     val_size: int | None = None
     test_subset: int | None = 2000
     image_size: int | None = None
+    crop: str = "pad"
     download: bool = False
     model: str = "resnet20"
+    pretrained: str | None = None
+    small_stem: bool = False
     aug: str = "none"
     aug_options: Mapping[str, Any] = field(default_factory=dict)
     method_options: Mapping[str, Any] = field(default_factory=dict)
@@ -176,6 +179,8 @@ def validate(cfg: TrainConfig) -> None:
         raise AdvpipeError(f"lr must be positive, got {cfg.lr}", fields=("lr",))
     if not all(0 <= m <= 1 for m in cfg.milestones):
         raise AdvpipeError(f"milestones are fractions of training in [0, 1], got {list(cfg.milestones)}")
+    if cfg.crop not in ("pad", "random-resized"):
+        raise AdvpipeError(f"crop must be pad or random-resized, got {cfg.crop!r}", fields=("crop",))
     if cfg.schedule not in ("cosine", "multistep", "constant"):
         raise AdvpipeError(f"schedule must be cosine, multistep or constant, got {cfg.schedule!r}",
                            fields=("schedule",))

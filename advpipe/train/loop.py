@@ -28,7 +28,7 @@ from advpipe.eval.accuracy import autocast_context, evaluate_accuracy
 from advpipe.models.build import build_model
 from advpipe.models.checkpoint import (Checkpoint, load_checkpoint, load_state_into, non_finite_tensors,
                                        save_checkpoint)
-from advpipe.models.normalize import unwrap
+from advpipe.models.normalize import normalization_of, unwrap
 from advpipe.train.compose import parse_aug
 from advpipe.train.config import TrainConfig
 from advpipe.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -85,9 +85,10 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo) -> TrainResul
                                                              cfg.epochs), cfg.aug_options, "aug_options")
     method = _build(build_method, method_name, MethodContext(train_ds.num_classes, cfg.epochs, size),
                     cfg.method_options, "method_options")
-    model = method.prepare(build_model(cfg.model, train_ds)).to(device, memory_format=torch.channels_last)
+    model = method.prepare(build_model(cfg.model, train_ds, pretrained=cfg.pretrained, small_stem=cfg.small_stem,
+                                       download=cfg.download)).to(device, memory_format=torch.channels_last)
     side = side_sources(augment.needs_side, cfg, train_ds, device)
-    side.update(getattr(augment, "own_side", {}))  # side data the augmentation derives itself (CP's corners)
+    side.update(augment.own_side)  # side data the augmentation derives itself (CP's corners)
 
     check_run_dir(cfg.run_dir(), resume=cfg.resume, overwrite=cfg.overwrite)
     barrier(info)  # every rank has checked the folder before rank 0 changes it
@@ -105,7 +106,7 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
     """Train the epochs that are left, writing each epoch's metrics and checkpoints into ``folder``."""
     # --batch-size is per process: with N processes each step sees N x batch-size samples
     loader = DeviceLoader(train_ds, batch_size=cfg.batch_size, device=device, train=True, seed=cfg.seed,
-                          side=side, workers=cfg.workers, rank=info.rank, world_size=info.world_size,
+                          side=side, crop=cfg.crop, workers=cfg.workers, rank=info.rank, world_size=info.world_size,
                           indices=None if holdout is None else holdout.train)
     val_loader = None if holdout is None else DeviceLoader(
         train_ds, batch_size=max(cfg.batch_size, 256), device=device, train=False, workers=cfg.workers,
@@ -149,7 +150,7 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
         correct = seen = 0
         with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, unit="batch") as bar:
             for batch in loader:
-                batch = augment(batch, gen)
+                batch = batch.replace(images=augment(batch.images, side=batch.side, generator=gen))
                 with autocast_context(device, precision):
                     out = method.step(model, batch, gen)
                 loss = out["loss"]
@@ -265,9 +266,10 @@ def _checkpoint(cfg: TrainConfig, ds: DatasetSplit, model: torch.nn.Module, meth
                 epoch: int, metrics: dict) -> Checkpoint:
     """A checkpoint whose model_state loads into the plain architecture (what evaluation uses)."""
     state = {k: v.detach().cpu() for k, v in method.export_state(unwrap(model)).items()}
+    mean, std = normalization_of(model) or (ds.mean, ds.std)  # a pretrained model keeps its weights' normalization
     return Checkpoint(arch=cfg.model, num_classes=ds.num_classes, dataset=cfg.data, fingerprint=ds.fingerprint,
-                      mean=ds.mean, std=ds.std, image_size=ds.image_shape[-1], model_state=state, epoch=epoch,
-                      metrics=metrics, config=cfg.to_dict(), method=method_name)
+                      mean=mean, std=std, image_size=ds.image_shape[-1], model_state=state, epoch=epoch,
+                      metrics=metrics, config=cfg.to_dict(), method=method_name, small_stem=cfg.small_stem)
 
 
 def _recreate_best(run_dir: Path, score_key: str, best: float) -> None:
@@ -290,6 +292,9 @@ def _restore(path: Path, cfg: TrainConfig, ds: DatasetSplit, method_name: str, m
     if ckpt.arch != cfg.model:
         raise AdvpipeError(f"resume: {path} is a {ckpt.arch} checkpoint, but model is {cfg.model}",
                            fields=("resume", "model"))
+    if ckpt.small_stem != cfg.small_stem:
+        raise AdvpipeError(f"resume: {path} was trained {'with' if ckpt.small_stem else 'without'} small_stem",
+                           fields=("resume", "small_stem"))
     if ckpt.dataset != cfg.data or ckpt.fingerprint != ds.fingerprint:
         raise AdvpipeError(f"resume: {path} was trained on {ckpt.dataset} ({ckpt.fingerprint[:19]}), "
                            f"not on this {cfg.data} data ({ds.fingerprint[:19]})", fields=("resume",))
