@@ -8,7 +8,8 @@ from rich.console import Console
 from advpipe import __version__
 import sys
 
-from advpipe.cli_util import OneLineUsageGroup, echo, plain_width, setup_logging
+from advpipe.commands.errors_cli import OneLineUsageGroup
+from advpipe.commands.reporting import echo, plain_width, setup_logging
 
 app = typer.Typer(help="advpipe: adversarial attacks as data augmentation (AdvMask masks, AdvProp, A-FAN, M2AT, "
                        "M-TLAT, occlusion baselines).", no_args_is_help=True, add_completion=False,

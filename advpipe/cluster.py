@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from advpipe.errors import AdvpipeError
-from advpipe.utils import resolve_device
+from advpipe.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

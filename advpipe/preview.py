@@ -18,7 +18,7 @@ from advpipe.data.datasets import DatasetSplit
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.streaming import attack_mask_source
 from advpipe.train.compose import parse_aug
-from advpipe.viz import save_image_grid
+from advpipe.eval.images import save_image_grid
 
 
 @dataclass

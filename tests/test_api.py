@@ -17,8 +17,9 @@ from advpipe.data.batch import Batch
 from advpipe.data.datasets import CIFAR100_MEAN, load_dataset
 from advpipe.data.transforms import apply_crop_flip, sample_crop_flip
 from advpipe.errors import AdvpipeError, OverwriteRefused
-from advpipe.pipeline.chunks import chunk_seed
-from advpipe.pipeline.store import open_store, sample_hash
+from advpipe.rng import chunk_seed
+from advpipe.pipeline.codecs import sample_hash
+from advpipe.pipeline.reader import open_store
 from advpipe.pipeline.streaming import ResidentMasks
 from helpers.sharing import tiny_store
 from helpers.stores import assert_same_store, store_arrays

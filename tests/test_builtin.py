@@ -9,7 +9,7 @@ from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
 from advpipe.data.loader import DeviceLoader
 from advpipe.errors import AdvpipeError
-from advpipe.eval.accuracy import evaluate_accuracy
+from advpipe.models.accuracy import evaluate_accuracy
 from advpipe.models.build import model_from_checkpoint
 from advpipe.models.checkpoint import builtin_checkpoints, load_checkpoint, resolve_checkpoint
 
@@ -47,7 +47,8 @@ def test_the_victim_classifies_the_embedded_images(one_thread):
 @pytest.mark.slow
 def test_demo_masks_attack_nearly_every_correct_image(tmp_path, one_thread):
     """The demo's attack (50 steps, 8/255) on the shipped victim: ASR >= 95% on correctly classified images."""
-    from advpipe.pipeline.precompute import PrecomputeConfig, precompute_masks
+    from advpipe.pipeline.precompute import precompute_masks
+    from advpipe.pipeline.precompute_config import PrecomputeConfig
 
     result = precompute_masks(PrecomputeConfig(data="embedded", limit=200, checkpoint=VICTIM, steps=50, workers=0,
                                                device="cpu", out=str(tmp_path / "m.zarr")))

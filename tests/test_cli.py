@@ -159,7 +159,7 @@ def test_python_m_advpipe_bad_input_has_no_traceback(tmp_path):
 def test_progress_without_a_terminal_prints_periodic_plain_lines(capsys):
     """Logs and CI get readable progress lines (count, percent, rate, eta), not a silent rich bar."""
     from advpipe import progress
-    from advpipe.cli_util import LogReporter
+    from advpipe.commands.reporting import LogReporter
 
     previous = progress.use_reporter(LogReporter(interval=0.0))
     try:
@@ -189,7 +189,7 @@ def test_an_error_exit_lets_zarrs_leftover_reads_finish_first():
 
     from zarr.core.sync import _get_loop
 
-    from advpipe.cli_util import settle_zarr_tasks
+    from advpipe.commands.errors_cli import settle_zarr_tasks
 
     loop = _get_loop()
     finished = []

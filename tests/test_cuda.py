@@ -25,7 +25,7 @@ from advpipe.augment.advmask import sample_squares
 from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
 from advpipe.data.loader import DeviceLoader
-from advpipe.eval.accuracy import autocast_context
+from advpipe.precision import autocast_context
 from advpipe.models.build import build_model
 from advpipe.pipeline.streaming import ResidentMasks, attack_mask_source
 from advpipe.train import loop
@@ -166,7 +166,7 @@ def test_packed_masks_stay_resident_on_the_device(device, tmp_path, monkeypatch)
     assert source.packed.shape == (300, 32 * 32 // 8)  # packed bits, not one byte per pixel
     if device.type == "cuda":
         assert torch.cuda.memory_allocated(device) - allocated >= source.packed.numel()
-    from advpipe.pipeline.store import MaskStore
+    from advpipe.pipeline.reader import MaskStore
 
     def no_reads(*args, **kwargs):
         raise AssertionError("the store was read again after loading")

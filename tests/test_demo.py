@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from advpipe.cli import app
 from advpipe.demo import DemoConfig, noise_verdict
-from advpipe.pipeline.store import open_store, verify_store
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.verify import verify_store
 
 
 def test_noise_verdict_uses_the_two_run_bound():

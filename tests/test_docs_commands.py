@@ -30,7 +30,7 @@ import pytest
 import typer.main
 
 from advpipe.cli import app
-from advpipe.cli_util import click_errors
+from advpipe.commands.errors_cli import click_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "benchmarks" / "README.md"]

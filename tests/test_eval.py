@@ -18,7 +18,7 @@ from advpipe.errors import AdvpipeError
 from advpipe.eval.robustness import perturbation_norms, robustness_score, summarize_norms
 from advpipe.eval.run import EVAL_FILENAME, EvalConfig, evaluate
 from advpipe.eval.specs import DEFAULT_SUITE, parse_attack_spec, parse_attack_specs
-from advpipe.utils import sha256_file
+from advpipe.files import sha256_file
 
 TINY = "test-tiny-cnn"
 LIMIT = 256

@@ -3,9 +3,9 @@
 Every module under advpipe/ is parsed with ``ast``; every ``import`` and ``from ... import`` of an
 advpipe module, at the top or inside a function, counts. Lowest first:
 
-0. ground helpers: errors, progress, registry, utils, cluster, paths, precision, rng, viz
+0. ground helpers: errors, progress, registry, devices, files, fraction, yamlfile, cluster, paths, precision, rng
 1. data   2. models   3. attacks   4. augment, pipeline (siblings: neither imports the other)
-5. train, eval, api (the library facade)   6. study, demo, preview   7. commands, cli, cli_util, __main__
+5. train, eval, api (the library facade)   6. study, demo, preview   7. commands, cli, __main__
 
 ``advpipe/__init__.py`` only names the public API lazily and ``from advpipe import __version__`` reads
 the root, so the root package has no layer.
@@ -21,7 +21,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "advpipe"
 
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("errors", "progress", "registry", "utils", "cluster", "paths", "precision", "rng", "viz"), 0),
+    **dict.fromkeys(("errors", "progress", "registry", "devices", "files", "fraction", "yamlfile", "cluster", "paths", "precision", "rng"), 0),
     "data": 1,
     "models": 2,
     "attacks": 3,
@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 4,
     **dict.fromkeys(("train", "eval", "api"), 5),
     **dict.fromkeys(("study", "demo", "preview"), 6),
-    **dict.fromkeys(("commands", "cli", "cli_util", "__main__"), 7),
+    **dict.fromkeys(("commands", "cli", "__main__"), 7),
 }
 #: units of one layer that must not import each other
 SIBLINGS = [{"augment", "pipeline"}]
@@ -47,7 +47,7 @@ def _module_name(path: Path) -> str:
 
 
 def _unit(module: str) -> str | None:
-    """The layer unit of an advpipe module (``advpipe.pipeline.store`` -> ``pipeline``), None for the root."""
+    """The layer unit of an advpipe module (``advpipe.pipeline.reader`` -> ``pipeline``), None for the root."""
     parts = module.split(".")
     return parts[1] if parts[0] == "advpipe" and len(parts) > 1 else None
 

@@ -18,8 +18,7 @@ from advpipe.data.datasets import load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.location import Location
 from advpipe.pipeline.manifest import MANIFEST_KEY, digest_of, encode_manifest, sha256_hex
-from advpipe.pipeline.reader import MaskStore
-from advpipe.pipeline.store import open_store
+from advpipe.pipeline.reader import MaskStore, open_store
 
 N, CHUNK = 40, 16  # the last chunk is partial
 

@@ -34,9 +34,12 @@ from advpipe.models.build import model_from_checkpoint
 from advpipe.models.checkpoint import load_checkpoint
 from advpipe.pipeline.lock import StoreLock
 from advpipe.pipeline import precompute_config as precompute_module  # where resolve_precision reads fast_bf16
-from advpipe.pipeline.precompute import PrecomputeConfig, chunk_seed, plan_local_workers, resolve_precision
-from advpipe.pipeline.store import open_store, sample_hash
-from advpipe.utils import sha256_file
+from advpipe.cluster import plan_local_workers
+from advpipe.pipeline.precompute_config import PrecomputeConfig, resolve_precision
+from advpipe.rng import chunk_seed
+from advpipe.pipeline.codecs import sample_hash
+from advpipe.pipeline.reader import open_store
+from advpipe.files import sha256_file
 
 # Reading with plain zarr warns that numcodecs.packbits and consolidated metadata are outside the
 # v3 spec: deliberate format choices (docs/mask-store.md).

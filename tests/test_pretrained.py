@@ -26,7 +26,7 @@ from advpipe.models.build import build_model, build_network, model_from_checkpoi
 from advpipe.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from advpipe.models.normalize import Normalized
 from advpipe.models.registry import create_model, feature_layer_name
-from advpipe.pipeline.store import open_store
+from advpipe.pipeline.reader import open_store
 from helpers.hostile import invoke, refused, succeeded
 
 ARCH = "timm:test_resnet"

@@ -66,7 +66,7 @@ def check_outputs(cwd: Path) -> None:
     assert (cwd / "runs/none/best.pt").is_file() and (cwd / "runs/advmask/best.pt").is_file()
     config = (cwd / "runs/advmask/config.yaml").read_text()
     assert "advmask" in config and "masks/none.zarr" in config
-    from advpipe.pipeline.store import open_store
+    from advpipe.pipeline.reader import open_store
 
     assert open_store(cwd / "masks/none.zarr").complete
     for run in ("none", "advmask"):

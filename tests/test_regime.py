@@ -54,7 +54,8 @@ def test_the_embedded_splits_are_the_first_rows_of_the_recorded_parent():
 
 
 def test_precompute_warns_only_when_the_victim_saw_other_data():
-    from advpipe.pipeline.precompute import PrecomputeConfig, _check_fits
+    from advpipe.pipeline.precompute import _check_fits
+    from advpipe.pipeline.precompute_config import PrecomputeConfig
 
     ds = load_dataset("embedded", "train")
     cfg = PrecomputeConfig(data="embedded", checkpoint="builtin:resnet20-cifar10")
@@ -73,7 +74,7 @@ def test_precompute_warns_only_when_the_victim_saw_other_data():
 
 
 def test_logs_and_tables_are_not_wrapped_when_stderr_and_stdout_are_files(tmp_path):
-    code = ("import logging, sys; from advpipe.cli_util import setup_logging; from advpipe.cli import out; "
+    code = ("import logging, sys; from advpipe.commands.reporting import setup_logging; from advpipe.cli import out; "
             "from rich.table import Table; setup_logging(False); logging.getLogger('x').warning('w' * 300); "
             "t = Table(); t.add_column('run folder'); t.add_row('/tmp/' + 'r' * 200); out.print(t)")
     err, std = tmp_path / "err.txt", tmp_path / "out.txt"

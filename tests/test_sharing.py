@@ -29,7 +29,8 @@ from advpipe.pipeline import remote
 from advpipe.pipeline.location import Location
 from advpipe.pipeline.manifest import MANIFEST_KEY, PUBLISHED_KEY, digest_of, encode_manifest, sha256_hex
 from advpipe.pipeline.sharing import publish, pull, pull_target
-from advpipe.pipeline.store import open_store, verify_store
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.verify import verify_store
 from advpipe.pipeline.streaming import attack_mask_source
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in:UserWarning",

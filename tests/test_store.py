@@ -22,16 +22,10 @@ import pytest
 import torch
 
 from advpipe.errors import AdvpipeError, DamagedStore, OverwriteRefused
-from advpipe.pipeline.codecs import METRICS, pack_masks
-from advpipe.pipeline.store import (
-    MaskStoreWriter,
-    check_compatible,
-    create_store,
-    open_store,
-    sample_hash,
-    unpack_masks,
-    verify_store,
-)
+from advpipe.pipeline.codecs import METRICS, pack_masks, sample_hash, unpack_masks
+from advpipe.pipeline.reader import check_compatible, open_store
+from advpipe.pipeline.verify import verify_store
+from advpipe.pipeline.writer import MaskStoreWriter, create_store
 
 N, C, H, W, CHUNK = 250, 3, 8, 12, 100  # three chunks, the last one partial
 REPO = Path(__file__).resolve().parents[1]
@@ -475,7 +469,7 @@ def test_sample_hash_follows_documented_rule(data: dict[str, np.ndarray]) -> Non
 
 
 def test_mask_hash_follows_documented_rule(complete_store: Path, data: dict[str, np.ndarray]) -> None:
-    from advpipe.pipeline.store import mask_hash
+    from advpipe.pipeline.codecs import mask_hash
 
     stored = zarr.open_group(str(complete_store), mode="r")["mask_hash"][:]
     keys = data["sample_hash"].astype("<u8")

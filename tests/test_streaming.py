@@ -122,7 +122,7 @@ def test_mismatched_data_is_refused_naming_both_sides(store_path):
 
 def test_reordered_rows_are_refused_by_content_hash(ds, tmp_path):
     path = write_store(tmp_path / "m.zarr", ds)
-    from advpipe.pipeline.store import open_store
+    from advpipe.pipeline.reader import open_store
 
     # same fingerprint and shape, but the per-sample hashes belong to other images
     store = open_store(path)
@@ -202,7 +202,7 @@ def test_a_pinned_store_streams_only_the_content_it_was_pinned_to(ds, store_path
 
 def test_a_pinned_store_proves_its_flags_and_hashes_without_reading_them(ds, store_path, monkeypatch):
     from advpipe.pipeline.manifest import MANIFEST_KEY, digest_of
-    from advpipe.pipeline.store import MaskStore
+    from advpipe.pipeline.reader import MaskStore
 
     digest = digest_of((store_path / MANIFEST_KEY).read_bytes())
     reads = []

@@ -132,7 +132,7 @@ def test_mask_attack_options_reach_the_precompute_config(tmp_path):
                        "attack_options": {"lambda_rule": "adaptive", "alpha_schedule": "linear"}}}
     cfg = parse_study(study, out=str(tmp_path))
     assert cfg.masks.attack_options == {"lambda_rule": "adaptive", "alpha_schedule": "linear"}
-    from advpipe.pipeline.precompute import PrecomputeConfig, attack_config
+    from advpipe.pipeline.precompute_config import PrecomputeConfig, attack_config
 
     attack = attack_config(PrecomputeConfig(checkpoint="x", steps=5, attack_options=cfg.masks.attack_options))
     assert (attack.lambda_rule, attack.alpha_schedule, attack.steps) == ("adaptive", "linear", 5)

@@ -22,7 +22,8 @@ from advpipe.errors import AdvpipeError
 from advpipe.pipeline.location import Location
 from advpipe.pipeline.manifest import MANIFEST_KEY, check_key, encode_manifest, parse_manifest
 from advpipe.pipeline.sharing import pack, publish, pull
-from advpipe.pipeline.store import open_store, verify_store
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.verify import verify_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in:UserWarning",
                                         "ignore:Consolidated metadata is:UserWarning")

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from advpipe.data.user import as_tensors, to_uint8
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.store import MaskStore, open_store, sample_hash
+from advpipe.pipeline.codecs import sample_hash
+from advpipe.pipeline.reader import MaskStore, open_store
 from advpipe.pipeline.streaming import mask_reader
 
 __all__ = ["AttackMasks", "open_masks"]

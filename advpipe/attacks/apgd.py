@@ -35,8 +35,15 @@ import torch
 from torch import nn
 
 from advpipe.attacks.losses import LOSSES
-from advpipe.attacks.primitives import (check_inputs, generator_for, input_grad_and_logits, linf_bounds,
-                                        per_sample, project, sign_step)
+from advpipe.attacks.primitives import (
+    check_inputs,
+    input_grad_and_logits,
+    linf_bounds,
+    per_sample,
+    project,
+    sign_step,
+)
+from advpipe.rng import generator_for
 from advpipe.errors import AdvpipeError
 
 RHO = 0.75

@@ -29,15 +29,8 @@ import torch
 from torch import nn
 
 from advpipe.attacks.losses import LOSSES
-from advpipe.attacks.primitives import (
-    Scalar,
-    check_inputs,
-    generator_for,
-    linf_bounds,
-    project,
-    sign_ascent,
-    uniform_noise,
-)
+from advpipe.attacks.primitives import Scalar, check_inputs, linf_bounds, project, sign_ascent, uniform_noise
+from advpipe.rng import generator_for
 from advpipe.errors import AdvpipeError
 
 

@@ -32,7 +32,7 @@ import torch
 
 from advpipe.attacks.losses import AttackLoss
 from advpipe.errors import AdvpipeError
-from advpipe.rng import check_generator, generator_for  # noqa: F401  (re-exported)
+from advpipe.rng import generator_for
 
 #: a radius or step size: one number for the batch, or a (B,) tensor with one per sample
 Scalar = float | torch.Tensor

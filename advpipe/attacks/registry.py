@@ -27,7 +27,7 @@ from advpipe.attacks.apgd import apgd, apgd_targeted, apgd_worst_case
 from advpipe.attacks.dense import fgsm, least_likely_targets, mifgsm, pgd
 from advpipe.errors import AdvpipeError
 from advpipe.registry import Registry
-from advpipe.utils import parse_fraction
+from advpipe.fraction import parse_fraction
 
 MAX_STEPS = 10_000
 

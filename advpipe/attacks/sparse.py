@@ -59,7 +59,6 @@ from torch import nn
 from advpipe.attacks.encoders import build_encoder
 from advpipe.attacks.init_attack import INIT_ATTACKS, dense_init
 from advpipe.attacks.primitives import (
-    check_generator,
     is_adversarial,
     linf_bounds,
     momentum_update,
@@ -67,6 +66,7 @@ from advpipe.attacks.primitives import (
     sign_step,
     uniform_noise,
 )
+from advpipe.rng import check_generator
 from advpipe.attacks.sparse_config import AUTOCAST, SMALL_IMAGE_PIXELS, SparseAttackConfig
 from advpipe.attacks.sparse_result import SparseAttackResult, StepInfo, empty_result, result_from
 from advpipe.attacks.sparse_rules import (

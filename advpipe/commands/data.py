@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from advpipe.cli import DataDirOpt, app
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 from advpipe.errors import AdvpipeError
 
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
@@ -27,7 +28,7 @@ def show(
 ) -> None:
     """Print a dataset's size, classes and fingerprint, and draw a grid of its first images."""
     from advpipe.data.datasets import load_dataset
-    from advpipe.viz import save_image_grid
+    from advpipe.eval.images import save_image_grid
 
     if n < 1:
         raise AdvpipeError(f"--n must be at least 1, got {n}")

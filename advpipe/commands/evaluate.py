@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from advpipe.cli import DataDirOpt, DeviceOpt, app, out
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 from advpipe.errors import AdvpipeError
 
 
@@ -124,7 +125,7 @@ def _draw_cams(result: dict[str, Any], checkpoint: Path, n: int, path: Path) -> 
     """Grad-CAM of the first ``n`` evaluated images beside them (AdvMask Fig. 3 for one model)."""
     from advpipe.eval.cam import checkpoint_cams, first_images, save_cam_grid
     from advpipe.models.checkpoint import load_checkpoint
-    from advpipe.utils import resolve_device
+    from advpipe.devices import resolve_device
 
     data = result["data"]
     images, labels, names = first_images(data["name"], data["split"], n, data_dir=result["params"].get("data_dir"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from advpipe import __version__
 from advpipe.cli import app
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 
 @app.command()
 @user_errors

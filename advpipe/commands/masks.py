@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.tree import Tree
 
 from advpipe.cli import DataDirOpt, app, out
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 from advpipe.errors import AdvpipeError, CannotRead
 
 masks_app = typer.Typer(help="Inspect, verify, draw and share mask stores.", no_args_is_help=True)
@@ -83,7 +84,7 @@ def _add_mapping(node: Tree, mapping: dict[str, Any], depth: int = 0) -> None:
 
 def _open(store: str, storage_option: Optional[list[str]], digest: Optional[str]) -> Any:
     from advpipe.pipeline.remote import parse_storage_options
-    from advpipe.pipeline.store import open_store
+    from advpipe.pipeline.reader import open_store
 
     return open_store(store, storage_options=parse_storage_options(storage_option), digest=digest)
 
@@ -199,7 +200,8 @@ def verify(
     from advpipe.pipeline.location import Location
     from advpipe.pipeline.remote import parse_storage_options
     from advpipe.pipeline.report import load_store_data
-    from advpipe.pipeline.store import sample_hash, verify_store
+    from advpipe.pipeline.codecs import sample_hash
+    from advpipe.pipeline.verify import verify_store
     from advpipe.progress import track
 
     options = parse_storage_options(storage_option)
@@ -285,8 +287,8 @@ def show(
     import torch
 
     from advpipe.pipeline.report import load_store_data
-    from advpipe.pipeline.store import sample_hash
-    from advpipe.viz import save_image_grid
+    from advpipe.pipeline.codecs import sample_hash
+    from advpipe.eval.images import save_image_grid
 
     if n < 1:
         raise AdvpipeError(f"--n must be at least 1, got {n}")

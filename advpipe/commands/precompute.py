@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from advpipe.cli import DataDirOpt, DeviceOpt, app, out
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 
 
 @app.command("precompute-masks")
@@ -49,9 +50,10 @@ def precompute_masks(
 ) -> None:
     """Precompute AdvMask attack masks of a dataset split into a resumable Zarr mask store."""
     from advpipe.commands.masks import summary_lines, summary_table
-    from advpipe.pipeline.precompute import PrecomputeConfig, precompute_masks as run
+    from advpipe.pipeline.precompute import precompute_masks as run
+    from advpipe.pipeline.precompute_config import PrecomputeConfig
     from advpipe.train.config import parse_key_values
-    from advpipe.utils import parse_fraction
+    from advpipe.fraction import parse_fraction
 
     eps_value = parse_fraction(eps, name="--eps")
     if data is None:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from advpipe.cli import app
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 
 
 @app.command()

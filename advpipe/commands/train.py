@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 
 from advpipe.cli import DataDirOpt, DataOpt, app
-from advpipe.cli_util import echo, user_errors
+from advpipe.commands.errors_cli import user_errors
+from advpipe.commands.reporting import echo
 from advpipe.errors import AdvpipeError
 
 def launch_torchrun(nproc: int) -> int:

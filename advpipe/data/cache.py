@@ -29,7 +29,8 @@ import torch
 
 from advpipe.data.decode import decode_files
 from advpipe.errors import AdvpipeError
-from advpipe.utils import atomic_write_text, cache_dir
+from advpipe.files import atomic_write_text
+from advpipe.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

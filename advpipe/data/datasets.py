@@ -27,7 +27,8 @@ from advpipe.data.decode import MAX_IMAGE_PIXELS, RESIZE_POLICIES, decode_files,
 from advpipe.data.fingerprint import cached_fingerprint, file_stat_key, fingerprint_arrays
 from advpipe.errors import AdvpipeError
 from advpipe.registry import Registry
-from advpipe.utils import atomic_write_bytes, cache_dir
+from advpipe.files import atomic_write_bytes
+from advpipe.paths import cache_dir
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from advpipe.utils import atomic_write_text, cache_dir
+from advpipe.files import atomic_write_text
+from advpipe.paths import cache_dir
 
 FINGERPRINT_VERSION = "advpipe-fp1"
 

@@ -22,7 +22,7 @@ from advpipe.data.datasets import DatasetSplit
 from advpipe.data.decode import decode_batch
 from advpipe.data.transforms import apply_crop_flip, apply_resized_crop, sample_crop_flip, sample_resized_crop
 from advpipe.errors import AdvpipeError
-from advpipe.rng import epoch_seed  # noqa: F401  (re-exported: advpipe.data.loader.epoch_seed)
+from advpipe.rng import epoch_seed
 
 
 @dataclass(frozen=True)

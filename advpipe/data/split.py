@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advpipe.data.loader import epoch_seed
+from advpipe.rng import epoch_seed
 from advpipe.errors import AdvpipeError
 
 #: the random stream of the validation draw, apart from the loader's and the augmentations' streams

@@ -27,8 +27,9 @@ from advpipe.data.datasets import load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.models.build import model_from_checkpoint
 from advpipe.models.checkpoint import load_checkpoint
-from advpipe.utils import resolve_device, sha256_file
-from advpipe.viz import save_image_grid
+from advpipe.devices import resolve_device
+from advpipe.files import sha256_file
+from advpipe.eval.images import save_image_grid
 
 #: the CAM grid's file name in a report folder
 CAM_FILENAME = "cams.png"

@@ -24,7 +24,7 @@ from advpipe.data.batch import Batch
 from advpipe.errors import AdvpipeError
 from advpipe.eval.corruptions import CIFAR_C_FILES, CORRUPTIONS, SEVERITIES
 from advpipe.eval.robustness import accuracy_pass, mean_or_none, public, robustness_score
-from advpipe.utils import sha256_file
+from advpipe.files import sha256_file
 
 LABELS_FILE = "labels.npy"
 

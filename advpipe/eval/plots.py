@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from advpipe.utils import atomic_write_bytes
+from advpipe.files import atomic_write_bytes
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:

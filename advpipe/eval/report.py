@@ -25,7 +25,7 @@ from advpipe.errors import AdvpipeError
 from advpipe.eval import seed_report
 from advpipe.eval.plots import plot_robustness_bars, plot_training_curves
 from advpipe.eval.run import EVAL_FILENAME
-from advpipe.utils import atomic_write_text, check_writable_dir
+from advpipe.files import atomic_write_text, check_writable_dir
 
 REPORT_FILENAME = "report.md"
 CURVES_FILENAME = "curves.png"

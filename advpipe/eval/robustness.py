@@ -21,10 +21,10 @@ from torch import nn
 from advpipe import progress
 from advpipe.attacks.norms import NORM_NAMES, perturbation_norms, summarize_norms
 from advpipe.data.batch import Batch
-from advpipe.eval.accuracy import autocast_context
+from advpipe.precision import autocast_context
 from advpipe.eval.corruptions import CORRUPTIONS
 from advpipe.eval.specs import AttackContext, AttackSpec
-from advpipe.rng import stream_seed  # noqa: F401  (re-exported)
+from advpipe.rng import stream_seed
 
 Perturb = Callable[[Batch, torch.Tensor], torch.Tensor]
 

@@ -30,7 +30,8 @@ from advpipe.eval.robustness import accuracy_pass, attack_pass, corruption_pass,
 from advpipe.eval.specs import AttackSpec, parse_attack_specs
 from advpipe.models.build import model_from_checkpoint
 from advpipe.models.checkpoint import BUILTIN_PREFIX, Checkpoint, load_checkpoint, resolve_checkpoint
-from advpipe.utils import atomic_write_text, resolve_device, sha256_file
+from advpipe.devices import resolve_device
+from advpipe.files import atomic_write_text, sha256_file
 
 #: evaluate's JSON inside a run folder when no --json is given; ``advpipe report`` reads it
 EVAL_FILENAME = "eval.json"

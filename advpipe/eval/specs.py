@@ -1,6 +1,6 @@
 """Attack specs for ``advpipe evaluate --attack``: ``KIND[:KEY=VALUE,...]`` parsed into AttackSpec.
 
-Grammar (no ``eval`` anywhere; fractions go through :func:`advpipe.utils.parse_fraction`)::
+Grammar (no ``eval`` anywhere; fractions go through :func:`advpipe.fraction.parse_fraction`)::
 
     SPEC   := "default" | KIND | KIND ":" PARAM ("," PARAM)*
     PARAM  := KEY "=" VALUE

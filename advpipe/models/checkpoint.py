@@ -21,7 +21,7 @@ from torch import nn
 
 from advpipe import __version__
 from advpipe.errors import AdvpipeError
-from advpipe.utils import atomic_write_bytes
+from advpipe.files import atomic_write_bytes
 
 FORMAT = "advpipe-checkpoint/1"
 #: checkpoints shipped inside the package, selected as ``builtin:<name>`` (see docs/training.md)

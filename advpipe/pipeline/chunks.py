@@ -26,12 +26,13 @@ from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
 from advpipe.cluster import dask_cluster
 from advpipe.data.user import to_uint8
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.codecs import METRICS
-from advpipe.pipeline.store import MaskStoreWriter, create_store, open_store, sample_hash
+from advpipe.pipeline.codecs import METRICS, sample_hash
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.writer import MaskStoreWriter, create_store
 from advpipe.progress import task
-from advpipe.rng import chunk_seed  # noqa: F401  (re-exported)
+from advpipe.rng import chunk_seed
 
-__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_chunk", "attack_images", "chunk_seed",
+__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_chunk", "attack_images",
            "finished_chunk", "run_store"]
 
 log = logging.getLogger(__name__)

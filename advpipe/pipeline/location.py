@@ -37,7 +37,7 @@ from advpipe.pipeline.manifest import (
 )
 from advpipe.pipeline.remote import error_line, filesystem, is_network_error, is_url, pin_location, read_error, split_pin
 from advpipe.pipeline.zipstore import ZipReader
-from advpipe.utils import atomic_write_bytes
+from advpipe.files import atomic_write_bytes
 
 BATCH_OBJECTS = 32  # concurrent requests per batch of a remote read or upload
 _BATCH_BYTES = 64 << 20

@@ -45,8 +45,8 @@ from advpipe.pipeline.chunks import (
     run_store,
 )
 from advpipe.pipeline.precompute_config import DEFAULT_BATCH_SIZE, check_run_options
-from advpipe.pipeline.store import DEFAULT_CHUNK_SIZE, MaskStoreWriter
-from advpipe.utils import resolve_device
+from advpipe.pipeline.writer import DEFAULT_CHUNK_SIZE, MaskStoreWriter
+from advpipe.devices import resolve_device
 
 __all__ = ["PrecomputeResult", "TensorChunkTask", "model_sha256", "precompute_masks"]
 

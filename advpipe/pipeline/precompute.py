@@ -32,7 +32,6 @@ from torch import nn
 
 from advpipe.attacks.encoders import check_linear_fits
 from advpipe.attacks.sparse import SparseAttackConfig
-from advpipe.cluster import plan_local_workers
 from advpipe.data.datasets import DatasetSplit, dataset_family, drawn_from, load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import Checkpoint, load_checkpoint
@@ -42,40 +41,22 @@ from advpipe.pipeline.chunks import (
     PrecomputeResult,
     StoreRun,
     attack_chunk,
-    chunk_seed,
     finished_chunk,
     run_store,
 )
 from advpipe.pipeline.precompute_config import (
-    ATTACK_FLAGS,
-    DEFAULT_BATCH_SIZE,
     PrecomputeConfig,
     attack_config,
     check_config,
-    default_checkpoint,
     default_store_path,
     find_checkpoint,
     resolve_precision,
 )
-from advpipe.pipeline.store import MaskStoreWriter
-from advpipe.utils import resolve_device, sha256_file
+from advpipe.pipeline.writer import MaskStoreWriter
+from advpipe.devices import resolve_device
+from advpipe.files import sha256_file
 
-__all__ = [
-    "ATTACK_FLAGS",
-    "ChunkJob",
-    "ChunkOutcome",
-    "DEFAULT_BATCH_SIZE",
-    "PrecomputeConfig",
-    "PrecomputeResult",
-    "attack_config",
-    "chunk_seed",
-    "default_checkpoint",
-    "default_store_path",
-    "plan_local_workers",
-    "precompute_masks",
-    "resolve_precision",
-    "run_chunk",
-]
+__all__ = ["ChunkJob", "precompute_masks", "run_chunk"]
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,10 @@ from advpipe.attacks.sparse import SparseAttackConfig
 from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import resolve_checkpoint
 from advpipe.paths import default_run_dir
-from advpipe.pipeline.store import DEFAULT_CHUNK_SIZE, open_store
-from advpipe.utils import fast_bf16, parse_fraction, resolve_device
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.writer import DEFAULT_CHUNK_SIZE
+from advpipe.devices import fast_bf16, resolve_device
+from advpipe.fraction import parse_fraction
 
 #: images per attack call; a 500-sample chunk is 5 batches. The encoder is shared per batch.
 DEFAULT_BATCH_SIZE = 100
@@ -167,7 +169,7 @@ def resolve_precision(cfg: PrecomputeConfig, path: Path) -> str | None:
 
     ``auto`` keeps the precision of an existing store at ``path`` (so a resume on another machine
     continues as it started, unless ``--overwrite``); for a new store it is bf16 where the device
-    computes bf16 natively (:func:`advpipe.utils.fast_bf16`) and fp32 elsewhere, including with
+    computes bf16 natively (:func:`advpipe.devices.fast_bf16`) and fp32 elsewhere, including with
     ``--scheduler`` (the workers' hardware is not known here). Success is always checked in fp32.
     """
     if cfg.precision != "auto":

@@ -3,7 +3,7 @@
 A store's provenance records everything its masks were made from: the dataset (name, split,
 fingerprint, n), the checkpoint's sha256, every attack hyperparameter (with the batch size and the
 autocast precision) and the seed. Every chunk draws its randomness from a generator seeded by
-(seed, chunk index) (:func:`advpipe.pipeline.chunks.chunk_seed`), so re-attacking a chunk with the
+(seed, chunk index) (:func:`advpipe.rng.chunk_seed`), so re-attacking a chunk with the
 same checkpoint and data reproduces its masks: bit for bit on the same device type with the same
 thread count, and nearly so otherwise (float reductions differ between thread counts). A store
 whose masks were swapped, rewritten or forged does not survive this, whatever its checksums and
@@ -33,9 +33,11 @@ from advpipe.models.checkpoint import (BUILTIN_PREFIX, builtin_checkpoints, load
 from advpipe.paths import default_run_dir
 from advpipe.pipeline.chunks import attack_images
 from advpipe.pipeline.report import load_store_data
-from advpipe.pipeline.store import MaskStore, sample_hash
+from advpipe.pipeline.codecs import sample_hash
+from advpipe.pipeline.reader import MaskStore
 from advpipe.progress import track
-from advpipe.utils import resolve_device, sha256_file
+from advpipe.devices import resolve_device
+from advpipe.files import sha256_file
 
 __all__ = ["ChunkAgreement", "DEFAULT_MIN_AGREEMENT", "check_agreement", "find_checkpoint", "recompute_chunks",
            "recorded_attack"]

@@ -9,7 +9,7 @@ import numpy as np
 from advpipe.data.datasets import DatasetSplit, load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline.provenance import summarize
-from advpipe.pipeline.store import MaskStore
+from advpipe.pipeline.reader import MaskStore
 
 __all__ = ["TABLE_III", "load_store_data", "store_summary", "table_iii_rows"]
 

@@ -35,9 +35,11 @@ from advpipe.pipeline.manifest import (
 )
 from advpipe.pipeline.provenance import now
 from advpipe.pipeline.remote import error_line, filesystem, is_url, protocol_of
-from advpipe.pipeline.store import open_store, verify_store
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.verify import verify_store
 from advpipe.progress import task
-from advpipe.utils import atomic_write_bytes, cache_dir
+from advpipe.files import atomic_write_bytes
+from advpipe.paths import cache_dir
 
 __all__ = ["PackResult", "PublishResult", "PullResult", "pack", "publish", "pull", "pull_target"]
 

@@ -21,7 +21,8 @@ import torch
 
 from advpipe.data.datasets import DatasetSplit
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.store import MaskStore, check_compatible, open_store, sample_hash, unpack_masks
+from advpipe.pipeline.codecs import sample_hash, unpack_masks
+from advpipe.pipeline.reader import MaskStore, check_compatible, open_store
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import yaml
 
 from advpipe.errors import AdvpipeError
 from advpipe.train.config import TrainConfig
-from advpipe.utils import read_yaml_mapping
+from advpipe.yamlfile import read_yaml_mapping
 
 _SECTIONS = {"name", "out", "train", "grid", "masks", "evaluate", "report"}
 _MASK_KEYS = {"checkpoint", "eps", "steps", "split", "limit", "batch_size", "seed", "precision", "encoder",
@@ -223,7 +223,7 @@ def _eval_spec(raw: dict, source: str) -> EvalSpec:
 
 
 def _mask_spec(raw: dict, source: str) -> MaskSpec:
-    from advpipe.utils import parse_fraction
+    from advpipe.fraction import parse_fraction
 
     if not raw.get("checkpoint"):
         raise _fail(source, "masks.checkpoint is required (a path or builtin:NAME)")
@@ -234,7 +234,7 @@ def _mask_spec(raw: dict, source: str) -> MaskSpec:
         raise _fail(source, f"masks.attack_options must be a mapping, got {options!r}")
     values["attack_options"] = {str(k): v for k, v in options.items()}
     spec = MaskSpec(**values)
-    from advpipe.pipeline.precompute import PrecomputeConfig, attack_config
+    from advpipe.pipeline.precompute_config import PrecomputeConfig, attack_config
 
     try:  # the attack validates its own options, so a bad one is refused before any run starts
         attack_config(PrecomputeConfig(data="embedded", checkpoint=spec.checkpoint, eps=spec.eps, steps=spec.steps,

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from advpipe import progress
 from advpipe.errors import AdvpipeError
 from advpipe.study.config import RunSpec, StudyConfig
-from advpipe.utils import atomic_write_text
+from advpipe.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,8 @@ def precompute_study_masks(cfg: StudyConfig, *, workers: int | None, scheduler: 
     """Precompute the masks the study declares (once; a complete store with the same settings is reused)."""
     if cfg.masks is None or not any(run.train.masks for run in cfg.runs):
         return None
-    from advpipe.pipeline.precompute import DEFAULT_BATCH_SIZE, PrecomputeConfig, precompute_masks
+    from advpipe.pipeline.precompute import precompute_masks
+    from advpipe.pipeline.precompute_config import DEFAULT_BATCH_SIZE, PrecomputeConfig
 
     users = [run.train for run in cfg.runs if run.train.masks]
     data, limit, data_dir = users[0].data, users[0].limit, users[0].data_dir

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from advpipe.errors import AdvpipeError
-from advpipe.utils import read_yaml_mapping
+from advpipe.yamlfile import read_yaml_mapping
 from advpipe.paths import default_run_dir
 
 

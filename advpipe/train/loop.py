@@ -21,10 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from advpipe import progress
 from advpipe.augment.base import AugmentContext, build_augment
 from advpipe.data.datasets import DatasetSplit, load_dataset
-from advpipe.data.loader import DeviceLoader, epoch_seed
+from advpipe.data.loader import DeviceLoader
+from advpipe.rng import epoch_seed
 from advpipe.data.split import HoldOut, fixed_test_subset, hold_out
 from advpipe.errors import AdvpipeError
-from advpipe.eval.accuracy import autocast_context, evaluate_accuracy
+from advpipe.models.accuracy import evaluate_accuracy
+from advpipe.precision import autocast_context
 from advpipe.models.build import build_model
 from advpipe.models.checkpoint import (Checkpoint, load_checkpoint, load_state_into, non_finite_tensors,
                                        save_checkpoint)
@@ -35,7 +37,8 @@ from advpipe.train.distributed import DistInfo, all_reduce_sum, barrier, init_di
 from advpipe.train.methods import Method, MethodContext, build_method
 from advpipe.train.rundir import RunFolder, check_run_dir, disk_errors, open_run_folder, trim_metrics
 from advpipe.train.schedule import build_scheduler
-from advpipe.utils import atomic_write_text, resolve_device
+from advpipe.devices import resolve_device
+from advpipe.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from advpipe.errors import AdvpipeError
-from advpipe.utils import atomic_write_text, check_writable_dir
+from advpipe.files import atomic_write_text, check_writable_dir
 
 log = logging.getLogger(__name__)
 

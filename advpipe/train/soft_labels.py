@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpipe.errors import AdvpipeError
-from advpipe.utils import parse_fraction
+from advpipe.fraction import parse_fraction
 
 _MAX_ROUNDS = 200  # acceptance is >= 95% per round; reaching this would mean a bug, not bad luck
 

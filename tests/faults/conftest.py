@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from helpers.checkpoints import in_default_run_folder
 from helpers.stores import PER_SAMPLE, assert_same_store, store_arrays  # noqa: F401 (re-exported)
 from advpipe.cli import app
-from advpipe.pipeline.store import open_store
+from advpipe.pipeline.reader import open_store
 
 N, CHUNK = 96, 8
 N_CHUNKS = N // CHUNK

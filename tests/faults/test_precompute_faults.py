@@ -23,9 +23,11 @@ import torch
 
 from advpipe.data.datasets import load_dataset
 from advpipe.models.checkpoint import load_checkpoint
-from advpipe.pipeline.precompute import ChunkJob, PrecomputeConfig, attack_config, run_chunk
-from advpipe.pipeline.store import create_store, open_store
-from advpipe.utils import sha256_file
+from advpipe.pipeline.precompute import ChunkJob, run_chunk
+from advpipe.pipeline.precompute_config import PrecomputeConfig, attack_config
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.writer import create_store
+from advpipe.files import sha256_file
 
 from .conftest import (
     CHUNK,

@@ -24,7 +24,8 @@ from advpipe.cli import app
 from advpipe.data.datasets import load_dataset
 from advpipe.errors import AdvpipeError
 from advpipe.pipeline import streaming
-from advpipe.pipeline.store import create_store, sample_hash
+from advpipe.pipeline.codecs import sample_hash
+from advpipe.pipeline.writer import create_store
 from advpipe.pipeline.streaming import ChunkCache, attack_mask_source
 from advpipe.train.config import TrainConfig
 from advpipe.train.loop import train

@@ -23,7 +23,8 @@ BUCKET = "team"
 def tiny_store(path: Path, ds, *, chunk_size: int = 16, finalize: bool = True, invert: bool = False,
                masks: np.ndarray | None = None) -> Path:
     """A store of ``ds`` with masks derived from the images (``invert`` flips them: same layout, other bytes), or ``masks``."""
-    from advpipe.pipeline.store import create_store, sample_hash
+    from advpipe.pipeline.codecs import sample_hash
+    from advpipe.pipeline.writer import create_store
 
     masks = ((ds.images[:, 0] > 200).numpy() ^ invert) if masks is None else masks
     prov = {"dataset": {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint},

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from advpipe.pipeline.codecs import ARRAYS as STORE_ARRAYS
-from advpipe.pipeline.codecs import DONE_ARRAY
-from advpipe.pipeline.store import open_store
+from advpipe.pipeline.codecs import ARRAYS as STORE_ARRAYS, DONE_ARRAY
+from advpipe.pipeline.reader import open_store
 
 #: every array of a store: the per-sample ones and the per-chunk done flags
 ARRAYS = (*STORE_ARRAYS, DONE_ARRAY)

@@ -180,12 +180,12 @@ def test_class_names_with_brackets_survive_in_the_evaluate_table(tmp_path):
 def test_progress_bars_show_user_text_as_text(monkeypatch):
     from rich.console import Console
 
-    from advpipe import cli_util
+    from advpipe.commands import reporting
 
-    monkeypatch.setattr(cli_util, "console", Console(file=io.StringIO(), force_terminal=True, width=300))
-    reporter = cli_util.RichReporter()
+    monkeypatch.setattr(reporting, "console", Console(file=io.StringIO(), force_terminal=True, width=300))
+    reporter = reporting.RichReporter()
     task = reporter.open("store [x]secret.zarr [/red]", 3, "chunk")
     task.advance(1, path="[y]p [/bold]")
     reporter.close(task)
-    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", cli_util.console.file.getvalue())
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", reporting.console.file.getvalue())
     assert "store [x]secret.zarr [/red]" in text and "path [y]p [/bold]" in text

@@ -22,7 +22,7 @@ from helpers.hostile import cli, refused, succeeded
 from advpipe.cli import app
 from advpipe.pipeline.location import write_manifest
 from advpipe.pipeline.provenance import summarize
-from advpipe.pipeline.store import open_store
+from advpipe.pipeline.reader import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in:UserWarning",
                                         "ignore:Consolidated metadata is:UserWarning")

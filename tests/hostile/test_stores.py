@@ -216,7 +216,7 @@ def test_bombs_special_files_and_huge_declarations_stay_bounded(store: Path, tmp
 
 
 def test_a_store_declaring_1e8_samples_is_verified_in_bounded_memory(tmp_path: Path) -> None:
-    from advpipe.pipeline.store import create_store
+    from advpipe.pipeline.writer import create_store
 
     prov = {"dataset": {"name": "x", "split": "train", "fingerprint": "f"},
             "model": {"arch": "a", "checkpoint_sha256": "0" * 64, "clean_accuracy": 0.5},
@@ -293,7 +293,8 @@ def test_messages_never_leak_files_and_summaries_never_lie(store: Path, tmp_path
 
 def test_overwrite_through_a_symlink_and_a_nested_zarr_json(tmp_path: Path, ds) -> None:
     from advpipe.errors import AdvpipeError
-    from advpipe.pipeline.store import create_store, open_store
+    from advpipe.pipeline.reader import open_store
+    from advpipe.pipeline.writer import create_store
 
     real = tiny_store(tmp_path / "real.zarr", ds, chunk_size=CHUNK)
     link = tmp_path / "link.zarr"

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from advpipe.utils import check_writable_dir
+from advpipe.files import check_writable_dir
 
 
 def to_rgb_array(images: torch.Tensor) -> np.ndarray:
