@@ -40,10 +40,10 @@ from advpipe.attacks.dense import mifgsm  # noqa: E402
 from advpipe.attacks.encoders import build_encoder  # noqa: E402
 from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack  # noqa: E402
 from advpipe.data.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from advpipe.eval.accuracy import autocast_context  # noqa: E402
+from advpipe.precision import autocast_context  # noqa: E402
 from advpipe.models.normalize import Normalized  # noqa: E402
 from advpipe.models.registry import create_model  # noqa: E402
-from advpipe.utils import fast_bf16, resolve_device  # noqa: E402
+from advpipe.devices import fast_bf16, resolve_device  # noqa: E402
 
 UNET_BACKBONES = ("resnet18", "mobilenet_v2", "efficientnet-b0")
 

@@ -27,7 +27,7 @@ from advpipe.eval.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES  #
 from advpipe.eval.robustness import accuracy_pass, attack_pass, corruption_pass  # noqa: E402
 from advpipe.eval.specs import parse_attack_spec  # noqa: E402
 from advpipe.models.build import build_model  # noqa: E402
-from advpipe.utils import resolve_device  # noqa: E402
+from advpipe.devices import resolve_device  # noqa: E402
 
 
 def main() -> None:

@@ -46,11 +46,11 @@ import advpipe.train  # noqa: E402,F401  (registers the methods)
 from advpipe.data.batch import Batch  # noqa: E402
 from advpipe.data.datasets import load_dataset  # noqa: E402
 from advpipe.data.loader import DeviceLoader  # noqa: E402
-from advpipe.eval.accuracy import autocast_context  # noqa: E402
+from advpipe.precision import autocast_context  # noqa: E402
 from advpipe.models.build import build_model  # noqa: E402
 from advpipe.models.normalize import unwrap  # noqa: E402
 from advpipe.train.methods import MethodContext, build_method  # noqa: E402
-from advpipe.utils import resolve_device  # noqa: E402
+from advpipe.devices import resolve_device  # noqa: E402
 
 METHODS = ["standard", "advprop", "afan", "m2at", "mtlat", "mixup", "tlat"]
 TEXTBOOK = {"forward": 1.0, "backward": 2.0, "input_backward": 1.0}

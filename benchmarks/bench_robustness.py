@@ -29,7 +29,7 @@ from advpipe.data.loader import DeviceLoader  # noqa: E402
 from advpipe.eval.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS  # noqa: E402
 from advpipe.eval.robustness import accuracy_pass, corruption_pass  # noqa: E402
 from advpipe.models.build import build_model  # noqa: E402
-from advpipe.utils import resolve_device  # noqa: E402
+from advpipe.devices import resolve_device  # noqa: E402
 
 
 def main() -> None:

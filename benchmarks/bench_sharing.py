@@ -32,7 +32,9 @@ from common import write_result  # noqa: E402
 
 from advpipe.pipeline.sharing import pack, publish, pull  # noqa: E402
 from advpipe.data.datasets import DatasetSplit  # noqa: E402
-from advpipe.pipeline.store import check_compatible, create_store, open_store, sample_hash  # noqa: E402
+from advpipe.pipeline.codecs import sample_hash  # noqa: E402
+from advpipe.pipeline.reader import check_compatible, open_store  # noqa: E402
+from advpipe.pipeline.writer import create_store  # noqa: E402
 from advpipe.pipeline.streaming import ResidentMasks, attack_mask_source  # noqa: E402
 
 H = W = 32

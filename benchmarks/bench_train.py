@@ -19,9 +19,9 @@ from common import time_it, write_result  # noqa: E402
 
 from advpipe.data.datasets import load_dataset  # noqa: E402
 from advpipe.data.loader import DeviceLoader  # noqa: E402
-from advpipe.eval.accuracy import autocast_context  # noqa: E402
+from advpipe.precision import autocast_context  # noqa: E402
 from advpipe.models.build import build_model  # noqa: E402
-from advpipe.utils import resolve_device  # noqa: E402
+from advpipe.devices import resolve_device  # noqa: E402
 
 
 def main() -> None:

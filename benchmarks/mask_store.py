@@ -7,7 +7,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import PackBits
-from advpipe.pipeline.store import create_store, open_store
+from advpipe.pipeline.reader import open_store
+from advpipe.pipeline.writer import create_store
 from advpipe.pipeline.codecs import quiet_zarr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ from advpipe.attacks.sparse import SparseAttackConfig  # noqa: E402
 from advpipe.augment.base import AugmentContext, build_augment  # noqa: E402
 from advpipe.data.batch import Batch  # noqa: E402
 from advpipe.data.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from advpipe.eval.accuracy import autocast_context  # noqa: E402
+from advpipe.precision import autocast_context  # noqa: E402
 from advpipe.models.normalize import Normalized  # noqa: E402
 from advpipe.models.registry import create_model  # noqa: E402
 from advpipe.train.methods import MethodContext, build_method  # noqa: E402

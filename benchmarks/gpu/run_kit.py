@@ -44,7 +44,8 @@ import figures  # noqa: E402
 from common import machine  # noqa: E402
 
 import advpipe  # noqa: E402
-from advpipe.utils import atomic_write_text, fast_bf16  # noqa: E402
+from advpipe.devices import fast_bf16  # noqa: E402
+from advpipe.files import atomic_write_text  # noqa: E402
 
 #: sizes of a real run and of the CPU dry run (the same code at tiny sizes, with ResNet-20 for speed)
 PROFILES: dict[str, dict[str, Any]] = {
