@@ -262,13 +262,13 @@ def side_sources(names: tuple[str, ...], cfg: TrainConfig, ds: DatasetSplit, dev
 
 
 def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
 
 
 def _checkpoint(cfg: TrainConfig, ds: DatasetSplit, model: torch.nn.Module, method: Method, method_name: str,
                 epoch: int, metrics: dict) -> Checkpoint:
     """A checkpoint whose model_state loads into the plain architecture (what evaluation uses)."""
-    state = {k: v.detach().cpu() for k, v in method.export_state(unwrap(model)).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in method.export_state(unwrap(model)).items()}
     mean, std = normalization_of(model) or (ds.mean, ds.std)  # a pretrained model keeps its weights' normalization
     return Checkpoint(arch=cfg.model, num_classes=ds.num_classes, dataset=cfg.data, fingerprint=ds.fingerprint,
                       mean=mean, std=std, image_size=ds.image_shape[-1], model_state=state, epoch=epoch,
