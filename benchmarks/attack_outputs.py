@@ -12,7 +12,6 @@ attack in six configurations (tensors and summary), ``dense_init``, A-FAN's feat
 per-sample targeted FGSM and one step (loss and parameter gradients) of PGD-AT, M2AT, AdvProp,
 A-FAN, M-TLAT and TLAT on a tiny model. ``compare`` lists every output that is not identical.
 """
-import math
 import sys
 from fractions import Fraction
 
@@ -21,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import advpipe
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from common import compare_outputs  # noqa: E402
 import advpipe.train  # noqa: F401  (registers the methods)
 from advpipe.attacks.apgd import apgd, apgd_targeted, apgd_worst_case
 from advpipe.attacks.dense import fgsm, mifgsm, pgd
@@ -131,30 +133,8 @@ def save(path: str) -> None:
     print(f"saved {len(out)} outputs of {advpipe.__file__}")
 
 
-def compare(old: str, new: str) -> int:
-    """Print every output of ``old`` that ``new`` does not reproduce exactly; return their count."""
-    a, b = torch.load(old, weights_only=False), torch.load(new, weights_only=False)
-    bad = 0
-    for k in a:
-        u, v = a[k], b[k]
-        if isinstance(u, torch.Tensor):
-            if not (u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v)):
-                bad += 1
-                print("DIFF", k, (u.float() - v.float()).abs().max().item() if u.shape == v.shape else "shape")
-        elif isinstance(u, dict):
-            for kk in u:
-                if not (u[kk] == v[kk] or (isinstance(u[kk], float) and math.isnan(u[kk]) and math.isnan(v[kk]))):
-                    print("DIFF", k, kk, u[kk], v[kk])
-                    bad += 1
-        elif u != v:
-            print("DIFF", k, u, v)
-            bad += 1
-    print(f"compared {len(a)} outputs, {bad} differences")
-    return bad
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["save"]:
         save(sys.argv[2])
     else:
-        sys.exit(1 if compare(sys.argv[2], sys.argv[3]) else 0)
+        sys.exit(1 if compare_outputs(sys.argv[2], sys.argv[3]) else 0)

@@ -17,12 +17,14 @@ tensor-style one (``aug(images, side=..., generator=...)``). ``compare`` lists e
 is not identical.
 """
 import inspect
-import math
 import sys
 
 import torch
 
 import advpipe
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from common import compare_outputs  # noqa: E402
 import advpipe.augment  # noqa: F401  (registers every augmentation)
 from advpipe.augment import occlusion
 from advpipe.augment.base import AUGMENTS, AugmentContext, InputAugment, build_augment
@@ -163,33 +165,8 @@ def save(path: str) -> None:
     print(f"saved {len(out)} outputs of {advpipe.__file__} ({'batch' if BATCH_STYLE else 'tensor'} interface)")
 
 
-def compare(old: str, new: str) -> int:
-    """Print every output of ``old`` that ``new`` does not reproduce exactly; return their count."""
-    a, b = torch.load(old, weights_only=False), torch.load(new, weights_only=False)
-    bad = 0
-    for k in a:
-        u, v = a[k], b.get(k)
-        if isinstance(u, torch.Tensor):
-            same = isinstance(v, torch.Tensor) and u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v)
-            if not same:
-                bad += 1
-                print("DIFF", k, (u.float() - v.float()).abs().max().item()
-                      if isinstance(v, torch.Tensor) and u.shape == v.shape else "missing or shape")
-        elif isinstance(u, dict):
-            for kk in u:
-                x, y = u[kk], (v or {}).get(kk)
-                if not (x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))):
-                    print("DIFF", k, kk, x, y)
-                    bad += 1
-        elif u != v:
-            print("DIFF", k, u, v)
-            bad += 1
-    print(f"compared {len(a)} outputs, {bad} differences")
-    return bad
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["save"]:
         save(sys.argv[2])
     else:
-        sys.exit(1 if compare(sys.argv[2], sys.argv[3]) else 0)
+        sys.exit(1 if compare_outputs(sys.argv[2], sys.argv[3]) else 0)

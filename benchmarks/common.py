@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -51,3 +52,29 @@ def time_it(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, sync: Ca
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def compare_outputs(old: str, new: str) -> int:
+    """Print every output of ``old`` that ``new`` does not reproduce exactly; return their count."""
+    a, b = torch.load(old, weights_only=False), torch.load(new, weights_only=False)  # our own digest files
+    bad = 0
+    for k in a:
+        u, v = a[k], b.get(k)
+        if isinstance(u, torch.Tensor):
+            same = isinstance(v, torch.Tensor) and u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v)
+            if not same:
+                bad += 1
+                print("DIFF", k, (u.float() - v.float()).abs().max().item()
+                      if isinstance(v, torch.Tensor) and u.shape == v.shape else "missing or shape")
+        elif isinstance(u, dict):
+            for kk in u:
+                x, y = u[kk], (v or {}).get(kk)
+                if not (x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))):
+                    print("DIFF", k, kk, x, y)
+                    bad += 1
+        elif u != v:
+            print("DIFF", k, u, v)
+            bad += 1
+    print(f"compared {len(a)} outputs, {bad} differences")
+    return bad
+
