@@ -119,3 +119,24 @@ def test_loading_into_a_different_architecture_fails_clearly(embedded_run):
     ckpt = load_checkpoint(embedded_run / "last.pt")
     with pytest.raises(AdvpipeError, match="does not fit this architecture"):
         load_state_into(create_model("resnet32", 10), ckpt.model_state)
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_and_auto_stays_fp32(monkeypatch, caplog):
+    """bf16 without AVX-512 BF16 or AMX runs ~10x slower than fp32 (benchmarks/README.md): say so once."""
+    import logging
+
+    from advpipe import precision as precision_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision_module, "fast_bf16", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="advpipe.precision"):
+        assert precision_module.effective_precision(cpu, "auto") == "fp32"
+        assert precision_module.effective_precision(cpu, "fp32") == "fp32"
+        assert not caplog.records
+        assert precision_module.effective_precision(cpu, "bf16") == "bf16"
+    assert len(caplog.records) == 1 and "emulated" in caplog.records[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(precision_module, "fast_bf16", lambda device: True)
+    with caplog.at_level(logging.WARNING, logger="advpipe.precision"):
+        assert precision_module.effective_precision(cpu, "bf16") == "bf16"
+    assert not caplog.records

@@ -26,7 +26,7 @@ from advpipe.rng import epoch_seed
 from advpipe.data.split import HoldOut, fixed_test_subset, hold_out
 from advpipe.errors import AdvpipeError
 from advpipe.models.accuracy import evaluate_accuracy
-from advpipe.precision import autocast_context
+from advpipe.precision import autocast_context, effective_precision
 from advpipe.models.build import build_model
 from advpipe.models.checkpoint import (Checkpoint, load_checkpoint, load_state_into, non_finite_tensors,
                                        save_checkpoint)
@@ -124,7 +124,7 @@ def _run(cfg: TrainConfig, device: torch.device, info: DistInfo, folder: RunFold
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
                                 int(cfg.warmup_epochs * steps_per_epoch), cfg.milestones, cfg.gamma)
-    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    precision = effective_precision(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     start_epoch, best = 0, -1.0
