@@ -7,7 +7,9 @@ whose objects differ from what the manifest lists, is refused naming the object 
 The manifest says nothing about where a store lives, so a directory store, its published copy and
 its single-file zip (:func:`advpipe.pipeline.sharing.pack`) have the same digest.
 
-Manifests come from other teams, so :func:`parse_manifest` bounds and validates everything.
+Manifests come from other teams, so :func:`parse_manifest` bounds and validates everything. The
+operations on a store (load, compute, compare, write) take a
+:class:`advpipe.pipeline.location.StoreReader`, whatever the backend.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
-from advpipe.errors import AdvpipeError
+from advpipe.errors import AdvpipeError, StoreUnreachable
+from advpipe.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from advpipe.pipeline.location import StoreReader
 
 MANIFEST_KEY = "advpipe.manifest.json"
 #: written last by ``advpipe masks publish``, after the published copy's manifest was re-read
@@ -180,3 +187,62 @@ def parse_manifest(raw: bytes, where: str, pinned: str | None = None) -> Manifes
     if "zarr.json" not in objects or set(objects) & set(UNLISTED):
         raise AdvpipeError(f"{where}: manifest must list the root zarr.json and not itself")
     return Manifest(objects, bytes(raw), pinned=pinned is not None)
+
+
+def load_manifest(reader: StoreReader) -> Manifest | None:
+    """Read and validate the store's manifest (refused unless its digest is the pinned one, if pinned)."""
+    raw = reader.read(MANIFEST_KEY, MAX_MANIFEST_BYTES)
+    if raw is None:
+        if reader.pin is not None:
+            why = f" ({reader.missing})" if reader.missing else ""
+            raise AdvpipeError(f"mask store {reader.root} has no manifest {MANIFEST_KEY}{why}, so its content cannot be "
+                               f"checked against the pinned {reader.pin}")
+        return None
+    return parse_manifest(raw, f"mask store {reader.root}", reader.pin)
+
+
+def compute_manifest(reader: StoreReader) -> Manifest:
+    """Hash every object of the store into a fresh manifest."""
+    if not reader.can_list:
+        raise AdvpipeError(f"cannot list the objects of {reader.root}; make the manifest where the store was written")
+    listing = reader.list_objects()
+    keys = sorted(k for k in listing if k not in UNLISTED)
+    objects = {}
+    for key, data in reader.read_many(keys, listing):
+        if data is None:
+            raise AdvpipeError(f"object {reader.name(key)} vanished while hashing the store")
+        objects[key] = (len(data), sha256_hex(data))
+    return build_manifest(objects)
+
+
+def write_manifest_of(reader: StoreReader) -> Manifest:
+    """Hash every object of the local directory store ``reader`` reads and write its manifest there (atomically)."""
+    manifest = compute_manifest(reader)
+    atomic_write_bytes(Path(reader.root) / MANIFEST_KEY, manifest.raw)
+    return manifest
+
+
+def manifest_problems(reader: StoreReader, manifest: Manifest | None) -> list[str]:
+    """Compare the store's objects with ``manifest``: missing, extra, resized and changed objects."""
+    if manifest is None:
+        return []
+    try:
+        listing = reader.list_objects() if reader.can_list else None
+    except AdvpipeError as exc:
+        return [str(exc)]
+    problems = manifest.diff(listing) if listing is not None else []
+    keys = [k for k in manifest.objects if listing is None or listing.get(k) == manifest.objects[k][0]]
+    try:
+        for key, data in reader.read_many(keys, {k: v[0] for k, v in manifest.objects.items()}):
+            if data is None:
+                problems.append(f"object {key!r} listed in manifest {manifest.digest} is missing")
+                continue
+            try:
+                manifest.check(key, data)
+            except ContentMismatch as exc:
+                problems.append(str(exc))
+    except StoreUnreachable:
+        raise  # a store that does not answer is not a store with problems: one line, exit 2
+    except AdvpipeError as exc:
+        problems.append(str(exc))
+    return problems

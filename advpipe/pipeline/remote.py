@@ -215,6 +215,30 @@ def error_line(exc: BaseException, url: str = "") -> str:
     return f"{kind}: {type(exc).__name__}: {text}"
 
 
+def is_invalid_range(exc: BaseException) -> bool:
+    """Whether ``exc`` is a server refusing a byte range (S3 ``InvalidRange``, HTTP 416), as for an empty object.
+
+    Decided on the error's fields, never its text: s3fs raises an OSError caused by botocore's
+    ClientError (``response['Error']['Code']``, ``response['ResponseMetadata']['HTTPStatusCode']``);
+    aiohttp's ClientResponseError carries ``status``.
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):  # the error, then what caused it
+        if seen is None:
+            return False
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            error, meta = response.get("Error"), response.get("ResponseMetadata")
+            if isinstance(error, dict) and error.get("Code") in ("InvalidRange", "416"):
+                return True
+            if isinstance(meta, dict) and meta.get("HTTPStatusCode") == 416:
+                return True
+        if getattr(seen, "status", None) == 416:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def read_error(name: str, exc: BaseException, url: str = "") -> CannotRead:
     """The error for a failed read of ``name``: StoreUnreachable for a timeout or lost connection, else CannotRead."""
     kind = StoreUnreachable if is_network_error(exc) else CannotRead

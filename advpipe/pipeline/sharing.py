@@ -205,9 +205,8 @@ def _confirm(url: str, storage_options: dict[str, Any] | None, manifest: Manifes
         remote.fs()[0].invalidate_cache(remote.fs()[1])
         raw = remote.read(MANIFEST_KEY, MAX_MANIFEST_BYTES)
         problems = [] if raw is not None and digest_of(raw) == manifest.digest else ["its manifest differs"]
-        listing = remote.list_objects()
-        if listing is not None:
-            problems += manifest.diff(listing)
+        if remote.can_list:
+            problems += manifest.diff(remote.list_objects())
     else:
         got = open_store(url, storage_options=storage_options).digest
         problems = [] if got == manifest.digest else [f"its digest is {got}"]

@@ -127,6 +127,8 @@ def _metadata_problems(store: MaskStore) -> list[str]:
 
 
 def _listing(store: MaskStore, problems: list[str]) -> dict[str, int] | None:
+    if not store.location.can_list:
+        return None  # existence is then decided by reading each object through the strict guard
     try:
         return store.location.list_objects()
     except AdvpipeError as exc:

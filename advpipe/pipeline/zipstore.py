@@ -1,65 +1,75 @@
-"""Single-file mask stores: zarr's ZipStore over a local file or a random-access remote one, members checked first.
+"""Single-file mask stores: a zip over a local file or a random-access remote one, members checked first.
 
 A zip from another team is untrusted: before any member is read, every member must have a safe
 name (no ``..``, no absolute path), not be a symlink, appear once, and declare an uncompressed size
-within the format's limits, so a zip bomb is refused from its central directory alone.
+within the format's limits, so a zip bomb is refused from its central directory alone. The archive
+is opened once, from a file object (a local file, or an fsspec file that reads by range requests),
+as fsspec's ``ZipFileSystem``; the checks read its ``ZipFile``, and zarr reads the same archive
+through its public ``FsspecStore``, so no member can change between the check and the read.
 """
 
 from __future__ import annotations
 
 import stat
-import threading
 import zipfile
-from pathlib import Path
 from typing import Any, Callable
 
-from zarr.storage import ZipStore
-
 from advpipe.errors import AdvpipeError, CannotRead
+from advpipe.pipeline.guard import Backend
 from advpipe.pipeline.manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, MAX_OBJECTS, UNLISTED, check_key, size_limit
 from advpipe.pipeline.remote import error_line, read_error
 
+__all__ = ["ZipBackend", "check_zip"]
 
-class ZipReader(ZipStore):
-    """zarr's ZipStore, read-only, over what ``source()`` opens (a path or a seekable file), members checked first."""
 
-    def __init__(self, where: str, source: Callable[[], Any]) -> None:
-        """Read the zip named ``where`` (a path or URL, for messages) from ``source()``."""
-        super().__init__(Path(where if "://" not in where else "remote.zip"), mode="r")
-        self.where, self._source = where, source
+class ZipBackend(Backend):
+    """The members of the zip named ``root`` (a path or URL, for messages), read from the file ``source()`` opens."""
 
-    def _sync_open(self) -> None:
-        if self._is_open:
-            return
-        self._lock = threading.RLock()
-        try:
-            self._zf = zipfile.ZipFile(self._source())
-        except AdvpipeError:
-            raise
-        except zipfile.BadZipFile as exc:
-            raise CannotRead(f"cannot open mask store {self.where}: not a zip file ({exc})") from exc
-        except Exception as exc:  # noqa: BLE001 - fsspec backends raise their own types
-            raise CannotRead(f"cannot open mask store {self.where}: {error_line(exc, self.where)}") from exc
-        self._sizes = check_zip(self._zf, self.where)
-        self._is_open = True
+    def __init__(self, root: str, source: Callable[[], Any]) -> None:
+        super().__init__(root)
+        self._source = source
+        self._archive: Any = None
+        self._sizes: dict[str, int] = {}
 
-    def sizes(self) -> dict[str, int]:
-        """Member name -> uncompressed size."""
-        return dict(self._sizes)
+    def archive(self) -> Any:
+        """The opened, checked archive (fsspec's ``ZipFileSystem``); opened on first use."""
+        if self._archive is None:
+            from fsspec.implementations.zip import ZipFileSystem
 
-    def member_size(self, key: str) -> int | None:
-        """The declared size of member ``key`` (None if absent)."""
-        return self._sizes.get(key)
+            try:
+                archive = ZipFileSystem(self._source())
+            except AdvpipeError:
+                raise
+            except zipfile.BadZipFile as exc:
+                raise CannotRead(f"cannot open mask store {self.root}: not a zip file ({exc})") from exc
+            except Exception as exc:  # noqa: BLE001 - fsspec backends raise their own types
+                raise CannotRead(f"cannot open mask store {self.root}: {error_line(exc, self.root)}") from exc
+            self._sizes = check_zip(archive.zip, self.root)
+            self._archive = archive
+        return self._archive
 
-    def member(self, key: str) -> bytes | None:
-        """Member ``key``'s bytes (its declared size was checked at open), or None if absent."""
+    def read(self, key: str, limit: int) -> bytes | None:
+        archive = self.archive()
         if key not in self._sizes:
             return None
-        try:
-            with self._lock, self._zf.open(key) as fh:
-                return fh.read()
+        try:  # the member's declared size was checked at open, and zipfile reads no more than it declares
+            return archive.cat_file(key)
         except Exception as exc:  # noqa: BLE001 - bad CRC, truncated archive, remote failure
-            raise read_error(f"{self.where}/{key}", exc, self.where) from exc
+            raise read_error(self.name(key), exc, self.root) from exc
+
+    def exists(self, key: str) -> bool:
+        self.archive()
+        return key in self._sizes
+
+    def list(self) -> dict[str, int]:
+        self.archive()
+        return dict(self._sizes)
+
+    def zarr_store(self) -> Any:
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+        from zarr.storage import FsspecStore
+
+        return FsspecStore(AsyncFileSystemWrapper(self.archive(), asynchronous=True), path="", read_only=True)
 
 
 def check_zip(zf: zipfile.ZipFile, where: str) -> dict[str, int]:
