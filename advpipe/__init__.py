@@ -45,9 +45,9 @@ _EXPORTS = {
     "apgd": "advpipe.attacks.apgd",
     "apgd_targeted": "advpipe.attacks.apgd",
     "ATTACKS": "advpipe.attacks.registry",
-    # precompute from objects
-    "PrecomputeResult": "advpipe.pipeline.chunks",
-    "precompute_masks": "advpipe.pipeline.objects",
+    # precompute from tensors
+    "PrecomputeResult": "advpipe.pipeline.precompute_runner",
+    "precompute_masks": "advpipe.pipeline.precompute_tensors",
     # models and data
     "Normalized": "advpipe.models.normalize",
     "create_model": "advpipe.api.models",

@@ -264,25 +264,25 @@ def test_precompute_from_objects_writes_the_cli_store(ds, tmp_path) -> None:
 
 
 def test_precompute_from_objects_resumes_after_a_failure(ds, tmp_path, monkeypatch) -> None:
-    from advpipe.pipeline.objects import TensorChunkTask
+    from advpipe.pipeline.precompute_runner import ChunkTask
 
     data = (ds.images[:16].float() / 255, ds.labels[:16])  # float images: same masks, float fingerprint
     attack = advpipe.SparseAttackConfig(**ATTACK)
     ref = advpipe.precompute_masks(_model(), data, tmp_path / "ref.zarr", attack=attack, clean_accuracy=0.5, **RUN)
     assert ref.provenance["dataset"]["fingerprint"] != load_dataset("embedded", "train", limit=16).fingerprint
 
-    call = TensorChunkTask.__call__
+    call = ChunkTask.__call__
 
     def dies_on_chunk_1(self, writer, index):
         if index == 1:
             raise RuntimeError("killed")
         return call(self, writer, index)
 
-    monkeypatch.setattr(TensorChunkTask, "__call__", dies_on_chunk_1)
+    monkeypatch.setattr(ChunkTask, "__call__", dies_on_chunk_1)
     with pytest.raises(RuntimeError, match="killed"):
         advpipe.precompute_masks(_model(), data, tmp_path / "run.zarr", attack=attack, clean_accuracy=0.5, **RUN)
     assert open_store(tmp_path / "run.zarr").chunk_done().tolist() == [True, False]
-    monkeypatch.setattr(TensorChunkTask, "__call__", call)
+    monkeypatch.setattr(ChunkTask, "__call__", call)
     with pytest.raises(AdvpipeError, match="another configuration.*seed"):
         advpipe.precompute_masks(_model(), data, tmp_path / "run.zarr", attack=attack, seed=1, **RUN)
     resumed = advpipe.precompute_masks(_model(), data, tmp_path / "run.zarr", attack=attack, clean_accuracy=0.5, **RUN)

@@ -14,7 +14,7 @@ from advpipe.attacks import encoders
 from advpipe.attacks.sparse_config import PAPER_ALPHA_MAX, SparseAttackConfig, default_alpha_max
 from advpipe.cli import app
 from advpipe.errors import AdvpipeError
-from advpipe.pipeline.objects import precompute_masks
+from advpipe.pipeline.precompute_tensors import precompute_masks
 from advpipe.pipeline.reader import open_store
 from advpipe.study.config import parse_study
 from helpers.replicas import write_tinyimagenet_replica

@@ -78,6 +78,16 @@ def test_config_to_dict_writes_fractions_and_resolve_follows_image_size() -> Non
     assert SparseAttackConfig(eps=0.03).to_dict()["eps"] == 0.03
 
 
+def test_config_from_dict_reads_what_to_dict_wrote() -> None:
+    cfg = SparseAttackConfig(beta=Fraction(3, 2), init_step_size=0.01, lambda_rule="adaptive").resolve((3, 32, 32))
+    assert SparseAttackConfig.from_dict(cfg.to_dict()) == cfg  # "3/2" and "8/255" back to Fractions
+    for values, match in (({"colour": 1}, "stored attack records fields .*'colour'"),
+                          ({"beta": "x"}, "invalid stored attack beta 'x'"), ({"eps": "1e-99999"}, "too small"),
+                          ({"alpha_schedule": ["geometric"]}, "stored attack is unusable")):
+        with pytest.raises(AdvpipeError, match=match):
+            SparseAttackConfig.from_dict(values, name="stored attack")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(eps=-0.1), dict(eps=2.0), dict(steps=0), dict(steps=1.5), dict(alpha_min=0.0),

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -22,6 +22,7 @@ from advpipe.attacks.encoders import DEFAULT_UNET_BACKBONE, ENCODERS
 from advpipe.attacks.init_attack import init_attack_kind
 from advpipe.attacks.sparse_rules import ALPHA_SCHEDULES, LAMBDA_RULES, TARGETS
 from advpipe.errors import AdvpipeError
+from advpipe.fraction import parse_fraction
 
 #: images with at most this many pixels count as "small": linear encoder and alpha_max = 100
 SMALL_IMAGE_PIXELS = 32 * 32
@@ -43,6 +44,8 @@ def default_alpha_max(image_shape: tuple[int, int, int], dataset: str | None = N
 
 #: the autocast dtypes of ``autocast_dtype``
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the fields that may hold a Fraction (:meth:`SparseAttackConfig.to_dict` writes them as ``"8/255"``)
+FRACTION_FIELDS = ("eps", "beta", "init_step_size")
 
 
 @dataclass(frozen=True)
@@ -151,3 +154,17 @@ class SparseAttackConfig:
             if isinstance(value, Fraction):
                 out[key] = f"{value.numerator}/{value.denominator}"
         return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, name: str = "attack") -> "SparseAttackConfig":
+        """The config :meth:`to_dict` wrote, fraction strings parsed; AdvpipeError naming ``name`` if unusable."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise AdvpipeError(f"{name} records fields this advpipe does not know: {unknown[:5]}; read it with "
+                               "the advpipe version that wrote it")
+        values = {key: parse_fraction(value, name=f"{name} {key}", high=math.inf)
+                  if key in FRACTION_FIELDS and isinstance(value, str) else value for key, value in values.items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:  # e.g. a list where a name belongs: unhashable
+            raise AdvpipeError(f"{name} is unusable: {exc}") from exc

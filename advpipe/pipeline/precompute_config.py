@@ -12,13 +12,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
-from advpipe.attacks.sparse import SparseAttackConfig
+from advpipe.attacks.sparse_config import FRACTION_FIELDS, SparseAttackConfig
 from advpipe.errors import AdvpipeError
-from advpipe.models.checkpoint import resolve_checkpoint
+from advpipe.models.checkpoint import BUILTIN_PREFIX, builtin_checkpoints, resolve_checkpoint
 from advpipe.paths import default_run_dir
 from advpipe.pipeline.reader import open_store
 from advpipe.pipeline.writer import DEFAULT_CHUNK_SIZE
 from advpipe.devices import fast_bf16, resolve_device
+from advpipe.files import sha256_file
 from advpipe.fraction import parse_fraction
 
 #: images per attack call; a 500-sample chunk is 5 batches. The encoder is shared per batch.
@@ -28,7 +29,6 @@ ATTACK_FLAGS = {"eps": "eps", "steps": "steps", "encoder": "encoder", "targeted"
                 "target": "targeted", "autocast_dtype": "precision"}
 #: --precision values; the attack's autocast dtype for each (auto is resolved per run, see resolve_precision)
 PRECISIONS = {"auto": None, "fp32": None, "bf16": "bf16", "fp16": "fp16"}
-_FRACTION_FIELDS = ("beta", "init_step_size")
 TARGET_MODES = ("random", "least-likely")
 
 
@@ -80,20 +80,36 @@ def default_checkpoint(data: str, model: str) -> Path:
     return default_run_dir(data, model, "none") / "best.pt"
 
 
-def find_checkpoint(cfg: PrecomputeConfig) -> Path:
-    """The checkpoint to attack: ``checkpoint``, the ``pretrained`` victim, else the default run's best.pt."""
-    if cfg.pretrained is not None:
-        return pretrained_victim(cfg)
-    if cfg.checkpoint is not None:
-        return resolve_checkpoint(cfg.checkpoint)
-    if cfg.model is None:
+def find_checkpoint(data: str, model: str | None, checkpoint: str | Path | None = None, *,
+                    sha256: str | None = None) -> Path:
+    """The checkpoint to attack: ``checkpoint`` (a path or ``builtin:<name>``), else the default run's best.pt.
+
+    With ``sha256`` (what a store records), ``checkpoint`` is refused unless it has that sha256; without
+    ``checkpoint``, the first of the shipped checkpoints and the default run's best.pt that has it is returned.
+    """
+    if checkpoint is not None:
+        path = resolve_checkpoint(checkpoint)
+        if sha256 is not None and not path.is_file():
+            raise AdvpipeError(f"checkpoint {checkpoint} does not exist")
+        if sha256 is not None and (found := sha256_file(path)) != sha256:
+            raise AdvpipeError(f"checkpoint {checkpoint} has sha256 {found}, but the store was made with "
+                               f"{sha256}; give the checkpoint the store records")
+        return path
+    if model is None:
         raise AdvpipeError("pass model (to use the trained run's best.pt) or checkpoint PATH",
                            fields=("model", "checkpoint"))
-    path = default_checkpoint(cfg.data, cfg.model)
+    path = default_checkpoint(data, model)
+    if sha256 is not None:
+        tried = [BUILTIN_PREFIX + name for name in builtin_checkpoints()] + [str(path)]
+        for spec in tried:
+            if (found_path := resolve_checkpoint(spec)).is_file() and sha256_file(found_path) == sha256:
+                return found_path
+        raise AdvpipeError(f"no checkpoint with the store's sha256 {sha256} found (tried {', '.join(tried)}); "
+                           "give its path")
     if not path.is_file():
         raise AdvpipeError(
-            f"no trained {cfg.model} for {cfg.data}: {path} does not exist; train it first with "
-            f"`advpipe train --data {cfg.data} --model {cfg.model}` or pass checkpoint PATH", fields=("checkpoint",))
+            f"no trained {model} for {data}: {path} does not exist; train it first with "
+            f"`advpipe train --data {data} --model {model}` or pass checkpoint PATH", fields=("checkpoint",))
     return path
 
 
@@ -147,7 +163,7 @@ def attack_config(cfg: PrecomputeConfig) -> SparseAttackConfig:
         if key not in known:
             choices = ", ".join(sorted(known - set(ATTACK_FLAGS)))
             raise AdvpipeError(f"unknown attack_options {key!r}; choose from: {choices}", fields=("attack_options",))
-    for key in _FRACTION_FIELDS:
+    for key in FRACTION_FIELDS:  # eps is a flag of its own
         if isinstance(options.get(key), str):
             options[key] = parse_fraction(options[key], name=f"attack_options {key}")
     values: dict[str, Any] = {"eps": cfg.eps, **options}

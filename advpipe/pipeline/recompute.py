@@ -15,10 +15,8 @@ See docs/mask-store.md ("verify --recompute") for what this proves and its limit
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +26,16 @@ import torch
 from advpipe.attacks.sparse import SparseAttackConfig
 from advpipe.data.datasets import DatasetSplit
 from advpipe.errors import AdvpipeError
-from advpipe.models.checkpoint import (BUILTIN_PREFIX, builtin_checkpoints, load_checkpoint,
-                                       resolve_checkpoint)
-from advpipe.paths import default_run_dir
-from advpipe.pipeline.chunks import attack_images
+from advpipe.models.checkpoint import load_checkpoint
+from advpipe.pipeline.precompute_config import find_checkpoint
+from advpipe.pipeline.precompute_runner import attack_images
 from advpipe.pipeline.report import load_store_data
 from advpipe.pipeline.codecs import sample_hash
 from advpipe.pipeline.reader import MaskStore
 from advpipe.progress import track
 from advpipe.devices import resolve_device
-from advpipe.files import sha256_file
 
-__all__ = ["ChunkAgreement", "DEFAULT_MIN_AGREEMENT", "check_agreement", "find_checkpoint", "recompute_chunks",
-           "recorded_attack"]
+__all__ = ["ChunkAgreement", "DEFAULT_MIN_AGREEMENT", "check_agreement", "recompute_chunks", "recorded_attack"]
 
 #: the least Jaccard index (masks) and label agreement a recomputed chunk must reach when it is not
 #: identical: an honest recompute with another thread count agrees on far more (docs/mask-store.md),
@@ -48,7 +43,6 @@ __all__ = ["ChunkAgreement", "DEFAULT_MIN_AGREEMENT", "check_agreement", "find_c
 DEFAULT_MIN_AGREEMENT = 0.9
 #: provenance keys of the attack section that are not SparseAttackConfig fields
 _RUN_KEYS = ("name", "batch_size", "victim_train_data")
-_FRACTION_FIELDS = ("eps", "beta", "init_step_size")
 
 
 @dataclass(frozen=True)
@@ -97,53 +91,7 @@ def recorded_attack(provenance: dict[str, Any]) -> tuple[SparseAttackConfig, int
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AdvpipeError(f"the store records no usable attack batch_size (got {batch_size!r:.40})")
     values = {k: v for k, v in attack.items() if k not in _RUN_KEYS}
-    known = {f.name for f in dataclasses.fields(SparseAttackConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise AdvpipeError(f"the store's attack records fields this advpipe does not know: {unknown[:5]}; "
-                           "recompute it with the advpipe version it names")
-    for key in _FRACTION_FIELDS:
-        if isinstance(values.get(key), str):
-            try:
-                values[key] = Fraction(values[key])
-            except (ValueError, ZeroDivisionError) as exc:
-                raise AdvpipeError(f"the store's attack {key} {values[key]!r:.40} is not a fraction") from exc
-    try:
-        return SparseAttackConfig(**values), batch_size
-    except TypeError as exc:
-        raise AdvpipeError(f"the store's attack configuration is unusable: {exc}") from exc
-
-
-def _candidates(provenance: dict[str, Any]) -> list[str]:
-    """Checkpoints to try when none is given: the shipped ones, then the run precompute attacks by default."""
-    names = [BUILTIN_PREFIX + name for name in builtin_checkpoints()]
-    default = default_run_dir(provenance["dataset"]["name"], provenance["model"]["arch"], "none") / "best.pt"
-    return names + [str(default)]
-
-
-def find_checkpoint(provenance: dict[str, Any], checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint file whose sha256 is the one the store records.
-
-    With ``checkpoint`` (a path or ``builtin:<name>``), that file, refused unless its sha256 matches;
-    without, the first of the shipped checkpoints and ``runs/<data>/<arch>/none/best.pt`` that matches.
-    """
-    wanted = provenance["model"]["checkpoint_sha256"]
-    if checkpoint is not None:
-        path = resolve_checkpoint(checkpoint)
-        if not path.is_file():
-            raise AdvpipeError(f"checkpoint {checkpoint} does not exist")
-        sha = sha256_file(path)
-        if sha != wanted:
-            raise AdvpipeError(f"checkpoint {checkpoint} has sha256 {sha}, but the store was made with "
-                               f"{wanted}; give the checkpoint the store records")
-        return path
-    tried = _candidates(provenance)
-    for spec in tried:
-        path = resolve_checkpoint(spec)
-        if path.is_file() and sha256_file(path) == wanted:
-            return path
-    raise AdvpipeError(f"no checkpoint with the store's sha256 {wanted} found (tried {', '.join(tried)}); "
-                       "give its path")
+    return SparseAttackConfig.from_dict(values, name="stored attack"), batch_size
 
 
 def _chunk_data(store: MaskStore, data_dir: str | Path | None) -> DatasetSplit:
@@ -173,10 +121,10 @@ def recompute_chunks(store: MaskStore, k: int, *, checkpoint: str | Path | None 
     """Re-attack ``k`` randomly chosen chunks of a complete ``store`` and compare them with the stored ones.
 
     The attack, batch size, seed and precision come from the store's provenance; the checkpoint is
-    found by its recorded sha256 (see :func:`find_checkpoint`) and the data by its recorded name,
-    split and fingerprint under ``data_dir``. The chunks are drawn with ``rng`` (default: the
-    operating system's randomness, so whoever wrote the store cannot know which ones). Returns one
-    :class:`ChunkAgreement` per chunk, in index order; :func:`check_agreement` judges them.
+    found by its recorded sha256 (:func:`~advpipe.pipeline.precompute_config.find_checkpoint`) and the
+    data by its recorded name, split and fingerprint under ``data_dir``. The chunks are drawn with
+    ``rng`` (default: the operating system's randomness, so whoever wrote the store cannot know which
+    ones). Returns one :class:`ChunkAgreement` per chunk, in index order; :func:`check_agreement` judges them.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise AdvpipeError(f"the number of chunks to recompute must be a positive integer, got {k!r}")
@@ -184,7 +132,8 @@ def recompute_chunks(store: MaskStore, k: int, *, checkpoint: str | Path | None 
         raise AdvpipeError("the store is not complete; only a finished store can be recomputed")
     prov = store.provenance
     attack, batch_size = recorded_attack(prov)
-    ckpt_path = find_checkpoint(prov, checkpoint)
+    ckpt_path = find_checkpoint(prov["dataset"]["name"], prov["model"]["arch"], checkpoint,
+                                sha256=prov["model"]["checkpoint_sha256"])
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.image_size != store.image_shape[1]:
         raise AdvpipeError(f"the checkpoint expects {ckpt.image_size}px images, the store holds "

@@ -9,10 +9,10 @@ real subprocesses, so SIGKILL is real; the disk-full and read-only cases mount a
 from __future__ import annotations
 
 import dataclasses
-
 import random
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -23,8 +23,9 @@ import torch
 
 from advpipe.data.datasets import load_dataset
 from advpipe.models.checkpoint import load_checkpoint
-from advpipe.pipeline.precompute import ChunkJob, run_chunk
+from advpipe.pipeline.precompute import checkpoint_victim, worker_split
 from advpipe.pipeline.precompute_config import PrecomputeConfig, attack_config
+from advpipe.pipeline.precompute_runner import ChunkTask
 from advpipe.pipeline.reader import open_store
 from advpipe.pipeline.writer import create_store
 from advpipe.files import sha256_file
@@ -142,9 +143,11 @@ def test_rerun_of_a_chunk_already_done_is_harmless(faults_env, tmp_path: Path) -
     attack = attack_config(PrecomputeConfig(steps=2, attack_options={"init_steps": 1})).resolve(tuple(ds.image_shape))
     # The reference ran with --precision auto: the same precision as it resolved to on this machine.
     attack = dataclasses.replace(attack, autocast_dtype=prov["attack"]["autocast_dtype"])
-    job = ChunkJob(checkpoint=str(ckpt), checkpoint_sha256=sha256_file(ckpt), data="embedded", split="train",
-                   data_dir=None, limit=N, image_size=load_checkpoint(ckpt).image_size, fingerprint=ds.fingerprint,
-                   attack=attack, batch_size=8, seed=0, device="cpu")
+    # the task a dask worker gets: it loads (and checks) the checkpoint and the split itself
+    image_size = load_checkpoint(ckpt).image_size
+    job = ChunkTask(partial(checkpoint_victim, str(ckpt), sha256_file(ckpt)),
+                    partial(worker_split, "embedded", "train", None, N, image_size, ds.fingerprint),
+                    attack, batch_size=8, seed=0, device="cpu")
     provenance = {key: prov[key] for key in ("model", "attack", "seed")}
     provenance["dataset"] = {key: prov["dataset"][key] for key in ("name", "split", "fingerprint")}
     threads = torch.get_num_threads()
@@ -152,8 +155,8 @@ def test_rerun_of_a_chunk_already_done_is_harmless(faults_env, tmp_path: Path) -
     try:
         with create_store(tmp_path / "twice.zarr", n=N, image_shape=tuple(ds.image_shape), chunk_size=CHUNK,
                           provenance=provenance) as writer:
-            first = run_chunk(job, writer, 2)
-            second = run_chunk(job, writer, 2)  # the rerun of a task whose report was lost
+            first = job(writer, 2)
+            second = job(writer, 2)  # the rerun of a task whose report was lost
     finally:
         torch.set_num_threads(threads)
     assert (second.index, second.n_images, second.n_success) == (first.index, first.n_images, first.n_success)

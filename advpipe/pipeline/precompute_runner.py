@@ -1,39 +1,44 @@
-"""Running a mask store's pending chunks: the part of the precompute stage that any victim and data share.
+"""The one precompute runner: a mask store's pending chunks, run by one chunk task, whatever the victim and data.
 
 The command's :func:`advpipe.pipeline.precompute.precompute_masks` (a checkpoint and a dataset by
-name) and the library's :func:`advpipe.pipeline.objects.precompute_masks` (an ``nn.Module`` and
-tensors) both describe their run as a :class:`StoreRun` plus a *chunk task*: a picklable callable
-``task(writer, index) -> ChunkOutcome`` that attacks chunk ``index`` and writes it. :func:`run_store`
-then does the rest the same way for both: refuse or resume the store, run each pending chunk once
-(in this process, or as one dask task per chunk), report progress and finalize.
-:func:`attack_chunk` is the attack loop of one chunk that both tasks call.
+name) and the library's :func:`advpipe.pipeline.precompute_tensors.precompute_masks` (an ``nn.Module``
+and tensors) both describe their run as a :class:`StoreRun` plus a :class:`ChunkTask`, which builds its
+victim and data once per process and attacks one chunk per call. :func:`run_store` then does the rest
+the same way for both: refuse or resume the store, run each pending chunk once (in this process, or as
+one dask task per chunk), report progress and finalize. :func:`measure_accuracy` measures both victims.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
 from advpipe.cluster import dask_cluster
+from advpipe.data.batch import Batch
+from advpipe.data.datasets import DatasetSplit
+from advpipe.data.loader import DeviceLoader
 from advpipe.data.user import to_uint8
+from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError
+from advpipe.models.accuracy import evaluate_accuracy
 from advpipe.pipeline.codecs import METRICS, sample_hash
 from advpipe.pipeline.reader import open_store
 from advpipe.pipeline.writer import MaskStoreWriter, create_store
 from advpipe.progress import task
 from advpipe.rng import chunk_seed
 
-__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_chunk", "attack_images",
-           "finished_chunk", "run_store"]
+__all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_images", "measure_accuracy",
+           "run_store"]
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,6 @@ class ChunkOutcome:
     n_images: int
     n_success: int
     seconds: float
-
-
-ChunkTask = Callable[[MaskStoreWriter, int], ChunkOutcome]
 
 
 @dataclass
@@ -87,31 +89,55 @@ class StoreRun:
     device: str = "auto"
 
 
-def finished_chunk(writer: MaskStoreWriter, index: int, started: float) -> ChunkOutcome | None:
-    """The outcome of chunk ``index`` if it is already done (a rescheduled task), else None."""
-    if index in writer.pending_chunks():
-        return None
-    # A worker that died after its chunk was marked done gets rescheduled by dask; the store keeps
-    # the first result, so report it instead of attacking again.
-    start, stop = writer.chunk_bounds(index)
-    done = open_store(writer.path).metrics()["success"][start:stop]
-    return ChunkOutcome(index, stop - start, int(done.sum()), time.perf_counter() - started)
+class ChunkTask:
+    """The chunk task of every precompute run: ``task(writer, index)`` attacks chunk ``index`` and writes it.
 
-
-def attack_chunk(writer: MaskStoreWriter, index: int, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 attack: SparseAttackConfig, *, batch_size: int, seed: int, device: torch.device,
-                 started: float) -> ChunkOutcome:
-    """Attack the (n,C,H,W) ``images`` of chunk ``index`` in batches and write them into the store.
-
-    ``images`` are uint8 (divided by 255 on the device) or floats in [0,1]; the per-sample hashes
-    are over their uint8 form (floats rounded to the nearest 1/255). The generator is seeded from
-    (seed, index). Stored labels are the labels the attack used: the true label, or the target of
-    a targeted attack. The store refuses a chunk that is already done.
+    ``victim()`` builds the model to attack; ``data`` is a :class:`DatasetSplit`, a pair of (N,C,H,W)
+    images (uint8, or floats in [0,1]) and (N,) labels, or a function that loads either. Each process
+    builds the victim (on the device, in eval mode, without gradients) and loads the data once, on its
+    first chunk, and keeps them with the task; the task pickles without them, so dask sends it to each
+    worker once. A chunk already done is reported, not redone.
     """
-    out = attack_images(model, images, labels, attack, batch_size=batch_size, seed=seed, index=index, device=device)
-    hashes = sample_hash(to_uint8(images.cpu()).numpy(), layout="NCHW")
-    writer.write_chunk(index, out["masks"], out["labels"], hashes, {name: out[name] for name in METRICS})
-    return ChunkOutcome(index, len(images), int(out["success"].sum()), time.perf_counter() - started)
+
+    def __init__(self, victim: Callable[[], nn.Module], data: Any, attack: SparseAttackConfig, *, batch_size: int,
+                 seed: int, device: str) -> None:
+        """Hold what every chunk needs; nothing runs until the task is called."""
+        self.victim, self.data, self.attack = victim, data, attack
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self._loaded: tuple[torch.device, nn.Module, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    def _load(self) -> tuple[torch.device, nn.Module, Any]:
+        if self._loaded is None:
+            device = resolve_device(self.device)
+            data = self.data() if callable(self.data) else self.data
+            self._loaded = (device, self.victim().to(device).eval().requires_grad_(False), data)
+        return self._loaded
+
+    def __call__(self, writer: MaskStoreWriter, index: int) -> ChunkOutcome:
+        """Attack chunk ``index`` and write its masks, the labels the attack used, per-sample hashes and metrics."""
+        started = time.perf_counter()
+        start, stop = writer.chunk_bounds(index)
+        if index not in writer.pending_chunks():
+            # A worker that died after its chunk was marked done gets rescheduled by dask; the store keeps
+            # the first result, so report it instead of attacking again.
+            done = open_store(writer.path).metrics()["success"][start:stop]
+            return ChunkOutcome(index, stop - start, int(done.sum()), time.perf_counter() - started)
+        device, model, data = self._load()
+        images, labels = _rows(data, start, stop)
+        out = attack_images(model, images, labels, self.attack, batch_size=self.batch_size, seed=self.seed,
+                            index=index, device=device)
+        hashes = sample_hash(to_uint8(images.cpu()).numpy(), layout="NCHW")  # floats: to the nearest 1/255
+        writer.write_chunk(index, out["masks"], out["labels"], hashes, {name: out[name] for name in METRICS})
+        return ChunkOutcome(index, len(images), int(out["success"].sum()), time.perf_counter() - started)
+
+
+def _rows(data: DatasetSplit | tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    if isinstance(data, DatasetSplit):
+        return data.load_images(range(start, stop)), data.labels[start:stop]
+    return data[0][start:stop], data[1][start:stop]
 
 
 def attack_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: SparseAttackConfig, *,
@@ -124,16 +150,37 @@ def attack_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "labels", *METRICS)}
     for b in range(0, len(images), batch_size):
-        x = images[b : b + batch_size].to(device)
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         y = labels[b : b + batch_size].to(device)
-        res = sparse_attack(model, x, y, attack, generator=generator)
+        res = sparse_attack(model, _floats(images[b : b + batch_size].to(device)), y, attack, generator=generator)
         used = res.targets if attack.targeted and res.targets is not None else y
         for name, value in (("masks", res.mask), ("labels", used), ("success", res.success),
                             ("clean_correct", res.clean_correct), ("l0", res.l0_elements), ("l0_pixels", res.l0_pixels),
                             ("l2", res.l2), ("linf", res.linf), ("loss", res.loss)):
             parts[name].append(value.detach().cpu())
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _floats(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def measure_accuracy(victim: Callable[[], nn.Module], data: DatasetSplit | tuple[torch.Tensor, torch.Tensor], *,
+                   batch_size: int, device: str) -> float:
+    """Top-1 in fp32 of the model ``victim()`` builds, on ``data`` (a split, or images and labels: see ChunkTask)."""
+    dev = resolve_device(device)
+    model = victim().to(dev).eval()
+    if isinstance(data, DatasetSplit):
+        # workers=0: no DataLoader processes are forked once zarr's event-loop thread may be running.
+        batches: Iterable[Batch] = DeviceLoader(data, batch_size=batch_size, device=dev, train=False, workers=0)
+        num_classes, n = data.num_classes, len(data)
+    else:
+        images, labels = data
+        batches = (Batch(_floats(images[i : i + batch_size].to(dev)), labels[i : i + batch_size].to(dev),
+                         torch.arange(i, min(i + batch_size, len(images)), device=dev))
+                   for i in range(0, len(images), batch_size))
+        num_classes, n = int(labels.max()) + 1, len(images)
+    return float(evaluate_accuracy(model, batches, num_classes, description="clean accuracy",
+                                   total=-(-n // batch_size))["top1"])
 
 
 def _complete_with_same_config(run: StoreRun) -> Any:
@@ -174,13 +221,6 @@ def _run_dask(client: Any, chunk_task: ChunkTask, writer: MaskStoreWriter, pendi
             client.cancel(unfinished)
 
 
-@contextlib.contextmanager
-def _cluster(run: StoreRun) -> Iterator[tuple[Any, str]]:
-    """Yield (client, device string for the workers) of the run's dask cluster, and close it afterwards."""
-    with dask_cluster(run.scheduler, run.device, run.workers) as pair:
-        yield pair
-
-
 def run_store(run: StoreRun, make_task: Callable[[str, bool], ChunkTask],
               warnings: list[str] | None = None) -> PrecomputeResult:
     """Run every pending chunk of the store ``run`` describes, finalize it and return its summary.
@@ -196,10 +236,11 @@ def run_store(run: StoreRun, make_task: Callable[[str, bool], ChunkTask],
         log.info("%s is already complete for this configuration", run.path)
         return PrecomputeResult(run.path, done.provenance["summary"], done.provenance, done.n_chunks, 0, done.n_chunks,
                                 0, 0.0, warnings)
+    cluster = functools.partial(dask_cluster, run.scheduler, run.device, run.workers)
     with contextlib.ExitStack() as stack:
         # An unreachable scheduler should fail before a store is created; a local cluster is only
         # started once the store has accepted the configuration and there is work to do.
-        remote = stack.enter_context(_cluster(run)) if run.scheduler is not None else None
+        remote = stack.enter_context(cluster()) if run.scheduler is not None else None
         writer = create_store(run.path, n=run.n, image_shape=run.image_shape, chunk_size=run.chunk_size,
                               provenance=run.provenance, overwrite=run.overwrite)
         stack.enter_context(writer)  # releases the lock on any exit; chunks done so far stay done
@@ -220,7 +261,7 @@ def run_store(run: StoreRun, make_task: Callable[[str, bool], ChunkTask],
                 for i in pending:
                     on_done(local(writer, i))
             elif pending:
-                client, worker_device = remote or stack.enter_context(_cluster(run))
+                client, worker_device = remote or stack.enter_context(cluster())
                 _run_dask(client, make_task(worker_device, False), writer, pending, on_done)
         summary = writer.finalize()
         provenance_out = open_store(run.path).provenance
