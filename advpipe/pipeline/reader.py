@@ -6,7 +6,7 @@ so one validation path covers them all: the attributes, the array layout, codecs
 :class:`advpipe.pipeline.location.Location` (sizes, symlinks, special files, declared zstd sizes,
 missing chunks, and every object against the store's manifest). Masks are returned only after
 they agree with their ``l0_pixels`` rows and their recorded ``mask_hash``
-(:mod:`advpipe.pipeline.rows`); a store without mask hashes is refused on open.
+(:mod:`advpipe.pipeline.row_checks`); a store without mask hashes is refused on open.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from advpipe.pipeline.location import Location
 from advpipe.pipeline.manifest import ContentMismatch, Manifest, sha256_hex
 from advpipe.pipeline.provenance import parse_attrs
 from advpipe.pipeline.remote import is_network_error, read_error
-from advpipe.pipeline.rows import bad_rows, describe
+from advpipe.pipeline.row_checks import bad_rows, describe
 from advpipe.progress import track
 
 __all__ = ["MaskStore", "check_compatible", "open_store"]

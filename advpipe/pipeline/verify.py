@@ -21,7 +21,7 @@ from advpipe.pipeline.layout import layout_problem
 from advpipe.pipeline.provenance import SUMMARY_STATS, summary_of
 from advpipe.pipeline.reader import MaskStore, damage_text
 from advpipe.pipeline.remote import is_network_error, read_error
-from advpipe.pipeline.rows import bad_rows, describe
+from advpipe.pipeline.row_checks import bad_rows, describe
 from advpipe.progress import track
 
 __all__ = ["verify_store"]
