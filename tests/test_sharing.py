@@ -338,6 +338,12 @@ def test_remote_failures_are_one_line_and_exit_2_within_bounded_time(world, publ
     assert s3_seconds < 12 and http_seconds < 8, (s3_seconds, http_seconds)
 
 
+def test_an_empty_object_reads_over_s3_through_the_refused_range_fallback(world) -> None:
+    world["client"].put_object(Bucket=BUCKET, Key="empty-object/obj", Body=b"")
+    # S3 answers the bounded ranged read of an empty object with 416 InvalidRange; the reader then reads it whole
+    assert Location(f"s3://{BUCKET}/empty-object").read("obj") == b""
+
+
 def test_timeout_retry_policy_and_storage_option_parsing(monkeypatch) -> None:
     options = remote.storage_options("s3://b/m.zarr", {"config_kwargs": {"read_timeout": 7}})
     assert options["config_kwargs"] == {"connect_timeout": 5.0, "read_timeout": 7,

@@ -216,26 +216,22 @@ def error_line(exc: BaseException, url: str = "") -> str:
 
 
 def is_invalid_range(exc: BaseException) -> bool:
-    """Whether ``exc`` is a server refusing a byte range (S3 ``InvalidRange``, HTTP 416), as for an empty object.
+    """Whether ``exc`` (or its cause) is a server refusing a byte range, as S3 and HTTP do for an empty object.
 
-    Decided on the error's fields, never its text: s3fs raises an OSError caused by botocore's
-    ClientError (``response['Error']['Code']``, ``response['ResponseMetadata']['HTTPStatusCode']``);
-    aiohttp's ClientResponseError carries ``status``.
+    Decided on fields, never text: s3fs raises an OSError caused by botocore's ClientError
+    (``response`` Error Code ``InvalidRange``, HTTPStatusCode 416); aiohttp's error has ``status``.
     """
     seen: BaseException | None = exc
     for _ in range(4):  # the error, then what caused it
-        if seen is None:
-            return False
         response = getattr(seen, "response", None)
         if isinstance(response, dict):
             error, meta = response.get("Error"), response.get("ResponseMetadata")
-            if isinstance(error, dict) and error.get("Code") in ("InvalidRange", "416"):
-                return True
-            if isinstance(meta, dict) and meta.get("HTTPStatusCode") == 416:
+            if (isinstance(error, dict) and error.get("Code") in ("InvalidRange", "416")
+                    or isinstance(meta, dict) and meta.get("HTTPStatusCode") == 416):
                 return True
         if getattr(seen, "status", None) == 416:
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
     return False
 
 

@@ -298,11 +298,14 @@ def pack(source: str, out: str | os.PathLike[str], *, overwrite: bool = False) -
     try:
         # Stored, not deflated: the chunks are zstd-compressed already, and stored members can be
         # read by offset from HTTP and S3. Fixed timestamps make the same store give the same bytes.
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key in [*manifest.upload_order(), MANIFEST_KEY]:
-                info = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, manifest.raw if key == MANIFEST_KEY else _object(loc, manifest, key))
+        with open(tmp, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for key in [*manifest.upload_order(), MANIFEST_KEY]:
+                    info = zipfile.ZipInfo(key, date_time=(1980, 1, 1, 0, 0, 0))
+                    info.external_attr = 0o644 << 16
+                    zf.writestr(info, manifest.raw if key == MANIFEST_KEY else _object(loc, manifest, key))
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename publishes it, as files.atomic_write_bytes does
         os.replace(tmp, out)
     finally:
         if tmp.exists():
