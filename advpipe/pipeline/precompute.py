@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from advpipe.attacks.encoders import check_linear_fits
-from advpipe.attacks.sparse import SparseAttackConfig
+from advpipe.attacks.sparse_config import SparseAttackConfig
 from advpipe.data.datasets import DatasetSplit, dataset_family, drawn_from, load_dataset
 from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from advpipe.attacks.sparse import SparseAttackConfig, sparse_attack
+from advpipe.attacks.sparse import sparse_attack
+from advpipe.attacks.sparse_config import SparseAttackConfig
 from advpipe.cluster import dask_cluster
 from advpipe.data.batch import Batch
 from advpipe.data.datasets import DatasetSplit
@@ -41,6 +42,9 @@ __all__ = ["ChunkOutcome", "ChunkTask", "PrecomputeResult", "StoreRun", "attack_
            "run_store"]
 
 log = logging.getLogger(__name__)
+
+#: what a chunk task reads a chunk from: a dataset split, or (N,C,H,W) images and (N,) labels
+ChunkData = DatasetSplit | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -92,24 +96,24 @@ class StoreRun:
 class ChunkTask:
     """The chunk task of every precompute run: ``task(writer, index)`` attacks chunk ``index`` and writes it.
 
-    ``victim()`` builds the model to attack; ``data`` is a :class:`DatasetSplit`, a pair of (N,C,H,W)
-    images (uint8, or floats in [0,1]) and (N,) labels, or a function that loads either. Each process
-    builds the victim (on the device, in eval mode, without gradients) and loads the data once, on its
-    first chunk, and keeps them with the task; the task pickles without them, so dask sends it to each
-    worker once. A chunk already done is reported, not redone.
+    ``victim()`` builds the model to attack; ``data`` is a :data:`ChunkData` (images uint8, or floats in
+    [0,1]) or a function that loads one. Each process builds the victim (on the device, in eval mode,
+    without gradients) and loads the data once, on its first chunk, and keeps them with the task; the
+    task pickles without them, so dask sends it to each worker once. A chunk already done is reported,
+    not redone.
     """
 
-    def __init__(self, victim: Callable[[], nn.Module], data: Any, attack: SparseAttackConfig, *, batch_size: int,
-                 seed: int, device: str) -> None:
+    def __init__(self, victim: Callable[[], nn.Module], data: ChunkData | Callable[[], ChunkData],
+                 attack: SparseAttackConfig, *, batch_size: int, seed: int, device: str) -> None:
         """Hold what every chunk needs; nothing runs until the task is called."""
         self.victim, self.data, self.attack = victim, data, attack
         self.batch_size, self.seed, self.device = batch_size, seed, device
-        self._loaded: tuple[torch.device, nn.Module, Any] | None = None
+        self._loaded: tuple[torch.device, nn.Module, ChunkData] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_loaded": None}
 
-    def _load(self) -> tuple[torch.device, nn.Module, Any]:
+    def _load(self) -> tuple[torch.device, nn.Module, ChunkData]:
         if self._loaded is None:
             device = resolve_device(self.device)
             data = self.data() if callable(self.data) else self.data
@@ -134,7 +138,7 @@ class ChunkTask:
         return ChunkOutcome(index, len(images), int(out["success"].sum()), time.perf_counter() - started)
 
 
-def _rows(data: DatasetSplit | tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> tuple[torch.Tensor, ...]:
+def _rows(data: ChunkData, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, DatasetSplit):
         return data.load_images(range(start, stop)), data.labels[start:stop]
     return data[0][start:stop], data[1][start:stop]
@@ -164,9 +168,8 @@ def _floats(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
-def measure_accuracy(victim: Callable[[], nn.Module], data: DatasetSplit | tuple[torch.Tensor, torch.Tensor], *,
-                   batch_size: int, device: str) -> float:
-    """Top-1 in fp32 of the model ``victim()`` builds, on ``data`` (a split, or images and labels: see ChunkTask)."""
+def measure_accuracy(victim: Callable[[], nn.Module], data: ChunkData, *, batch_size: int, device: str) -> float:
+    """Top-1 in fp32 of the model ``victim()`` builds, on ``data`` (through the evaluation loader for a split)."""
     dev = resolve_device(device)
     model = victim().to(dev).eval()
     if isinstance(data, DatasetSplit):

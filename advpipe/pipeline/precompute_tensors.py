@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from advpipe.attacks.sparse import SparseAttackConfig
+from advpipe.attacks.sparse_config import SparseAttackConfig
 from advpipe.data.user import as_tensors, fingerprint_tensors
 from advpipe.devices import resolve_device
 from advpipe.errors import AdvpipeError

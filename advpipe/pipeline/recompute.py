@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advpipe.attacks.sparse import SparseAttackConfig
+from advpipe.attacks.sparse_config import SparseAttackConfig
 from advpipe.data.datasets import DatasetSplit
 from advpipe.errors import AdvpipeError
 from advpipe.models.checkpoint import load_checkpoint
