@@ -14,6 +14,7 @@ the root, so the root package has no layer.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,24 @@ def test_imports_are_absolute() -> None:
 ])
 def test_imports_are_found_at_the_top_and_inside_functions(source: str, expected) -> None:
     assert _imported(ast.parse(source)) == expected
+
+
+def _module_map_names() -> set[str]:
+    """The backticked names of docs/library.md's "Module map" section (``_blur`` means ``corruptions_blur``)."""
+    text = (PACKAGE.parent / "docs" / "library.md").read_text()
+    section = text[text.index("## Module map"):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
+    names = set(re.findall(r"`([A-Za-z0-9_/]+)`", section))
+    return {f"corruptions{n}" if n.startswith("_") else n.rstrip("/") for n in names}
+
+
+def test_the_module_map_names_every_module_and_only_modules() -> None:
+    files = [p for p in PACKAGE.rglob("*.py") if "builtin" not in p.parts and p.stem not in ("__init__", "__main__")]
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    names = _module_map_names()
+    # commands/ is named as a whole ("one module per command"), apart from its three helpers
+    missing = sorted({p.stem for p in files if p.parent.name != "commands" or p.stem in ("reporting", "errors_cli",
+                                                                                      "flags")} - names)
+    assert not missing, f"docs/library.md's module map does not name: {missing}"
+    unknown = sorted(names - {p.stem for p in files} - packages)
+    assert not unknown, f"docs/library.md's module map names no module: {unknown}"
