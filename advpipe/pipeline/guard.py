@@ -112,5 +112,6 @@ class GuardStore(WrapperStore):  # type: ignore[type-arg]
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     async def _get_many(self, requests: Iterable[tuple[str, Any, Any]]) -> Any:
+        # WrapperStore hands this straight to the wrapped store, past get and its checks
         for key, prototype, byte_range in requests:
             yield key, await self.get(key, prototype, byte_range)
