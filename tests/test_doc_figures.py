@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted([ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "results" / "README.md",
-               *(ROOT / "docs").glob("*.md")])
+               *(ROOT / "docs").glob("*.md"), *(ROOT / "docs" / "results").glob("*/README.md")])
 MARKER = re.compile(r"<!--\s*fig\s(.*?)-->", re.S)
 UNCHECKED = re.compile(r"<!--\s*unchecked\s(.*?)-->", re.S)
 ANY_MARKER = re.compile(r"<!--.*?-->", re.S)

@@ -110,6 +110,15 @@ def test_the_sweep_summary_checks_the_three_conditions(tmp_path):
     assert point["meets_all"]
     # a baseline that does not reach 97% train accuracy fails the first condition, and so all three
     assert not summarise_point([dict(r, train_acc=0.9) if r["aug"] == "none" else r for r in runs], 1000.0)["meets_all"]
+    # two points with the same size and epochs (e.g. bf16 and fp32) pool into one, each seed paired within its point
+    from regime_sweep import pool
+
+    other = [dict(r, precision="fp32", test_acc=r["test_acc"] + (0.01 if r["aug"] == "cutout" else 0.0)) for r in runs]
+    pooled = pool({"a": runs, "b": other, "c": [dict(runs[0], limit=10)]}, 1000.0)
+    assert list(pooled) == ["n5000-e2-pooled"] and pooled["n5000-e2-pooled"]["points"] == ["a", "b"]
+    both = pooled["n5000-e2-pooled"]
+    assert both["cutout_minus_none"]["n_pairs"] == 6 and both["cutout_minus_none"]["diff"] == pytest.approx(3.5)
+    assert both["precision"] == ["auto", "fp32"]
 
 
 @pytest.mark.slow

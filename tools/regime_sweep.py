@@ -43,6 +43,7 @@ def read_run(run: Path) -> dict[str, Any] | None:
     if not rows or rows[-1]["epoch"] != cfg["epochs"]:
         return None
     return {"aug": cfg["aug"], "seed": cfg["seed"], "limit": cfg["limit"], "epochs": cfg["epochs"],
+            "precision": cfg.get("precision", "auto"),
             "train_acc": rows[-1]["train_acc"], "test_acc": ev["clean"]["top1"],
             "test_images_per_epoch": rows[0].get("test_images"), "test_images_final": ev["clean"]["n"],
             "wall_train_s": sum(r["epoch_time_s"] for r in rows)}
@@ -53,6 +54,7 @@ def summarise_point(runs: list[dict[str, Any]], idle_rate: float | None) -> dict
     by = {aug: {r["seed"]: r for r in runs if r["aug"] == aug} for aug in ("none", "cutout")}
     none, cutout = by["none"], by["cutout"]
     out: dict[str, Any] = {"limit": runs[0]["limit"], "epochs": runs[0]["epochs"],
+                           "precision": sorted({r.get("precision", "auto") for r in runs}),
                            "seeds": {aug: sorted(v) for aug, v in by.items()}}
     if none:
         train = summarize([100 * r["train_acc"] for r in none.values()])
@@ -78,6 +80,22 @@ def summarise_point(runs: list[dict[str, Any]], idle_rate: float | None) -> dict
     return out
 
 
+def pool(points: dict[str, list[dict[str, Any]]], idle_rate: float | None) -> dict[str, dict[str, Any]]:
+    """Points that share (limit, epochs) but differ in another setting (e.g. precision), summarised together.
+
+    Seeds are paired within their own point only: seed 0 of one point and seed 0 of another are two pairs.
+    """
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, runs in points.items():
+        groups.setdefault((runs[0]["limit"], runs[0]["epochs"]), []).append(name)
+    pooled = {}
+    for (limit, epochs), names in groups.items():
+        if len(names) > 1:
+            runs = [{**r, "seed": f"{name}:{r['seed']}"} for name in names for r in points[name]]
+            pooled[f"n{limit}-e{epochs}-pooled"] = {**summarise_point(runs, idle_rate), "points": names}
+    return pooled
+
+
 def plot(points: dict[str, dict[str, Any]], path: Path) -> None:
     """Cutout - none (95% interval) and none's train-test gap for each sweep point."""
     import matplotlib
@@ -86,7 +104,7 @@ def plot(points: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(points)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, name in enumerate(names):
         c = points[name].get("cutout_minus_none")
         if c and c["ci_low"] is not None:
@@ -104,6 +122,8 @@ def plot(points: dict[str, dict[str, Any]], path: Path) -> None:
     ax2.set(xticks=range(len(names)), xticklabels=names, ylabel="none, last epoch (%)", ylim=(0, 100),
             title="Does none over-fit?")
     ax2.legend(loc="lower right")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=8, labelrotation=15)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -115,30 +135,32 @@ def main() -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--idle-images-per-s", type=float, default=None)
     args = ap.parse_args()
-    points = {}
+    point_runs = {}
     for point in sorted(p for p in args.folder.iterdir() if (p / "runs").is_dir()):
         runs = [r for r in (read_run(run) for run in sorted((point / "runs").iterdir())) if r is not None]
         if runs:
-            points[point.name] = summarise_point(runs, args.idle_images_per_s)
+            point_runs[point.name] = runs
+    points = {name: summarise_point(runs, args.idle_images_per_s) for name, runs in point_runs.items()}
+    pooled = pool(point_runs, args.idle_images_per_s)
     if not points:
         print(f"no finished sweep runs under {args.folder}", file=sys.stderr)
         return 2
     (args.folder / "sweep.json").write_text(json.dumps({"idle_images_per_s": args.idle_images_per_s,
-                                                        "points": points}, indent=2) + "\n")
+                                                        "points": points, "pooled": pooled}, indent=2) + "\n")
     with open(args.folder / "sweep.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["point", "limit", "epochs", "seeds", "none_train", "none_test", "none_gap", "cutout_test",
                     "cutout_minus_none", "ci_low", "ci_high", "mdd", "idle_run_s", "overfits", "cutout_beats_none",
                     "fits_10_minutes"])
-        for name, p in points.items():
+        for name, p in {**points, **pooled}.items():
             n, c, d = p.get("none", {}), p.get("cutout", {}), p.get("cutout_minus_none", {})
             w.writerow([name, p["limit"], p["epochs"], len(p["seeds"]["none"]),
                         n.get("train_acc", {}).get("mean"), n.get("test_acc", {}).get("mean"),
                         n.get("gap", {}).get("mean"), c.get("test_acc", {}).get("mean"), d.get("diff"),
                         d.get("ci_low"), d.get("ci_high"), d.get("mdd"), p.get("idle_run_s_estimate"),
                         p.get("overfits"), p.get("cutout_beats_none"), p.get("fits_10_minutes")])
-    plot(points, args.folder / "sweep.png")
-    for name, p in points.items():
+    plot({**points, **pooled}, args.folder / "sweep.png")
+    for name, p in {**points, **pooled}.items():
         print(f"{name}: overfits={p.get('overfits')} cutout_beats_none={p.get('cutout_beats_none')} "
               f"fits_10_minutes={p.get('fits_10_minutes')}")
     return 0
