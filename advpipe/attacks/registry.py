@@ -110,18 +110,16 @@ class AttackKind:
 ATTACKS: Registry[AttackKind] = Registry("attack kind")
 
 
+def _register(kind: AttackKind) -> None:
+    """Register ``kind`` under its own name."""
+    ATTACKS.register(kind.name, kind)
+
+
 # --------------------------------------------------------------------------- value parsers and labels
 
 
 def _fraction(name: str) -> Callable[[str], Fraction]:
     return lambda text: parse_fraction(text, name=name)
-
-
-def _steps(text: str) -> int:
-    raw = text.strip()
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_STEPS:
-        raise AdvpipeError(f"invalid steps {text!r}; use a whole number from 1 to {MAX_STEPS}")
-    return int(raw)
 
 
 def _start(text: str) -> str:
@@ -139,6 +137,9 @@ def _count(name: str, high: int) -> Callable[[str], int]:
         return int(raw)
 
     return parse
+
+
+_steps = _count("steps", MAX_STEPS)
 
 
 def _decay(text: str) -> float:
@@ -265,28 +266,28 @@ _MI_STEP = Param("step", _fraction("step"), lambda p: p["eps"] / p["steps"], "st
 _DECAY = Param("decay", _decay, 1.0, "momentum decay mu (default 1.0)")
 _PGD_PARAMS = (_eps(Fraction(8, 255)), _iterations(10), _STEP, _START)
 
-ATTACKS.register("fgsm", AttackKind(
+_register(AttackKind(
     "fgsm", "one signed-gradient step of size eps (Goodfellow et al. 2015; m2at.txt Eq. 5)",
     (_eps(Fraction(8, 255)),), _run_fgsm, lambda p: f"FGSM {eps_text(p['eps'])}", targetable=True))
-ATTACKS.register("pgd", AttackKind(
+_register(AttackKind(
     "pgd", "l_inf PGD on cross-entropy (Madry et al. 2018; m2at.txt Eq. 6)",
     _PGD_PARAMS, _pgd_runner("ce"), _pgd_label("PGD"), targetable=True))
-ATTACKS.register("pgd-early", AttackKind(
+_register(AttackKind(
     "pgd-early", "l_inf PGD on cross-entropy, each image kept at its first adversarial iterate "
     "(the sparse attack's default L_init)",
     _PGD_PARAMS, _pgd_runner("ce", early_stop=True), _pgd_label("PGD", " early-stop"), targetable=True))
-ATTACKS.register("cw", AttackKind(
+_register(AttackKind(
     "cw", "l_inf PGD on the Carlini-Wagner margin loss, M2AT's CW-k (m2at.txt Sec. 5.1, Table 1)",
     (_eps(Fraction(8, 255)), _iterations(20), _STEP, _START), _pgd_runner("cw"), _pgd_label("CW"), targetable=True))
-ATTACKS.register("pgd-ll", AttackKind(
+_register(AttackKind(
     "pgd-ll", "targeted l_inf PGD towards the least likely class, PGD_LL (m-tlat.txt Sec. 4.1)",
     (_eps(Fraction(1, 25)), _iterations(10), _STEP, _START), _pgd_runner("ce", least_likely=True),
     _pgd_label("PGD-LL")))
-ATTACKS.register("mifgsm", AttackKind(
+_register(AttackKind(
     "mifgsm", "white-box MI-FGSM (Dong et al. 2018, Alg. 1)",
     (_eps(Fraction(8, 255)), _iterations(10), _MI_STEP, _DECAY), _mifgsm_runner(False), _mifgsm_label(""),
     targetable=True))
-ATTACKS.register("mifgsm-transfer", AttackKind(
+_register(AttackKind(
     "mifgsm-transfer", "black-box MI-FGSM crafted on a surrogate checkpoint (Dong et al. 2018; m-tlat.txt Sec. 4.1)",
     (Param("surrogate", _path, REQUIRED, "checkpoint of the surrogate model (required)"), _eps(Fraction(1, 25)),
      _iterations(10), _MI_STEP, _DECAY),
@@ -295,16 +296,16 @@ ATTACKS.register("mifgsm-transfer", AttackKind(
 _APGD_STEPS = Param("steps", _steps, 100, "iterations (default 100, as in AutoAttack)")
 _RESTARTS = Param("restarts", _count("restarts", 100), 1, "random restarts on the samples not broken yet (default 1)")
 _TARGETS = Param("targets", _count("targets", 999), 9, "target classes, the most likely after the top one (default 9)")
-ATTACKS.register("apgd-ce", AttackKind(
+_register(AttackKind(
     "apgd-ce", "Auto-PGD on cross-entropy, AutoAttack's first attack (Croce & Hein 2020)",
     (_eps(Fraction(8, 255)), _APGD_STEPS, _RESTARTS), _apgd_runner("ce"), _apgd_label("APGD-CE")))
-ATTACKS.register("apgd-dlr", AttackKind(
+_register(AttackKind(
     "apgd-dlr", "Auto-PGD on the Difference of Logits Ratio loss (Croce & Hein 2020, Eq. 4)",
     (_eps(Fraction(8, 255)), _APGD_STEPS, _RESTARTS), _apgd_runner("dlr"), _apgd_label("APGD-DLR")))
-ATTACKS.register("apgd-t", AttackKind(
+_register(AttackKind(
     "apgd-t", "targeted Auto-PGD on the targeted DLR loss towards each of the top classes (Croce & Hein 2020, Eq. 5)",
     (_eps(Fraction(8, 255)), _APGD_STEPS, _TARGETS, _RESTARTS), _apgd_runner("targeted"), _apgd_label("APGD-T")))
-ATTACKS.register("apgd-suite", AttackKind(
+_register(AttackKind(
     "apgd-suite", "per image the worst case of APGD-CE and APGD-T (AutoAttack's first two attacks, not all four)",
     (_eps(Fraction(8, 255)), _APGD_STEPS, _TARGETS), _apgd_runner("suite"),
     _apgd_label("APGD-CE+T", " worst case")))
