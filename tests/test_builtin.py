@@ -46,11 +46,17 @@ def test_the_victim_classifies_the_embedded_images(one_thread):
 
 @pytest.mark.slow
 def test_demo_masks_attack_nearly_every_correct_image(tmp_path, one_thread):
-    """The demo's attack (50 steps, 8/255) on the shipped victim: ASR >= 95% on correctly classified images."""
+    """The demo's attack (its steps and eps) on the shipped victim: ASR >= 93% on correctly classified images.
+
+    The demo measured 94.0% on all 2,000 embedded images (benchmarks/results/bench_demo.json); these first
+    200 gave 95.1% (176 of 185) when this test was written.
+    """
+    from advpipe.demo import DemoConfig
     from advpipe.pipeline.precompute import precompute_masks
     from advpipe.pipeline.precompute_config import PrecomputeConfig
 
-    result = precompute_masks(PrecomputeConfig(data="embedded", limit=200, checkpoint=VICTIM, steps=50, workers=0,
-                                               device="cpu", out=str(tmp_path / "m.zarr")))
+    demo = DemoConfig()
+    result = precompute_masks(PrecomputeConfig(data="embedded", limit=200, checkpoint=VICTIM, steps=demo.attack_steps,
+                                               eps=demo.eps, workers=0, device="cpu", out=str(tmp_path / "m.zarr")))
     s = result.summary
-    assert s["n_clean_correct"] >= 180 and s["asr"] >= 0.95, s
+    assert s["n_clean_correct"] >= 180 and s["asr"] >= 0.93, s

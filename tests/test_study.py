@@ -190,7 +190,8 @@ def _attempts(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_study_killed_mid_run_resumes_without_training_from_scratch(tmp_path):
     """SIGKILL the whole study (client and dask worker) during run 2; the rerun finishes every run, none from scratch."""
-    study = {**TINY, "train": {**TINY["train"], "epochs": 6}}
+    # half of TINY's images and a 200-image test subset: about half the time, still seconds an epoch to kill in
+    study = {**TINY, "train": {**TINY["train"], "epochs": 6, "limit": 128, "test_subset": 200}}
     path = _write(tmp_path, study)
     out = tmp_path / "s"
     cmd = [sys.executable, "-m", "advpipe", "study", str(path), "--out", str(out)]
