@@ -119,6 +119,11 @@ def test_the_sweep_summary_checks_the_three_conditions(tmp_path):
     both = pooled["n5000-e2-pooled"]
     assert both["cutout_minus_none"]["n_pairs"] == 6 and both["cutout_minus_none"]["diff"] == pytest.approx(3.5)
     assert both["precision"] == ["auto", "fp32"]
+    assert both["paired_std"] == pytest.approx(1.1 ** 0.5)  # the six differences 2, 3, 4, 3, 4, 5 points
+    from regime_sweep import seeds_to_detect
+
+    # mdd = (t(0.975, n-1) + t(0.8, n-1)) * std / sqrt(n): 1.065 at 9 pairs, 0.995 at 10 (std 1)
+    assert seeds_to_detect(1.0, 1.0) == 10 and seeds_to_detect(1.0, 0.0) == 2 and seeds_to_detect(0.01, 5.0) is None
 
 
 @pytest.mark.slow

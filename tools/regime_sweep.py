@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from advpipe.eval.aggregate import compare, summarize
+from advpipe.eval.aggregate import POWER, _t_quantile, compare, summarize
 
 #: an evaluation image costs about a third of a training image (forward only)
 EVAL_COST = 1 / 3
@@ -49,6 +49,18 @@ def read_run(run: Path) -> dict[str, Any] | None:
             "wall_train_s": sum(r["epoch_time_s"] for r in rows)}
 
 
+#: the AdvMask paper's full-scale effects (Table I, ResNet-18): Cutout over Basic, AdvMask over Cutout
+PAPER_EFFECTS = (0.73, 0.43)
+
+
+def seeds_to_detect(effect: float, paired_std: float, most: int = 1000) -> int | None:
+    """The fewest seed pairs whose minimal detectable difference (80% power, 5% two-sided) is at most ``effect``."""
+    for n in range(2, most + 1):
+        if (_t_quantile(n - 1) + _t_quantile(n - 1, POWER)) * paired_std / n ** 0.5 <= effect:
+            return n
+    return None
+
+
 def summarise_point(runs: list[dict[str, Any]], idle_rate: float | None) -> dict[str, Any]:
     """The three conditions for one sweep point."""
     by = {aug: {r["seed"]: r for r in runs if r["aug"] == aug} for aug in ("none", "cutout")}
@@ -68,6 +80,10 @@ def summarise_point(runs: list[dict[str, Any]], idle_rate: float | None) -> dict
     if none and cutout:
         c = compare({s: 100 * r["test_acc"] for s, r in cutout.items()}, {s: 100 * r["test_acc"] for s, r in none.items()})
         out["cutout_minus_none"] = c.to_dict()
+        if c.n_pairs >= 2:  # the paired std, and the seeds that would detect the paper's Cutout effect at it
+            std = c.mdd / (_t_quantile(c.n_pairs - 1) + _t_quantile(c.n_pairs - 1, POWER)) * c.n_pairs ** 0.5
+            out["paired_std"] = std
+            out["seeds_to_detect"] = {str(e): seeds_to_detect(e, std) for e in PAPER_EFFECTS}
         out["cutout_beats_none"] = None if c.ci_low is None else c.ci_low > 0  # None: one seed, no interval
     samples = runs[0]["limit"] * runs[0]["epochs"]
     evals = (runs[0]["epochs"] - 1) * (runs[0]["test_images_per_epoch"] or 0) + runs[0]["test_images_final"]
