@@ -81,7 +81,7 @@ def summarise_point(runs: list[dict[str, Any]], idle_rate: float | None) -> dict
         c = compare({s: 100 * r["test_acc"] for s, r in cutout.items()}, {s: 100 * r["test_acc"] for s, r in none.items()})
         out["cutout_minus_none"] = c.to_dict()
         if c.n_pairs >= 2:  # the paired std, and the seeds that would detect the paper's Cutout effect at it
-            std = c.mdd / (_t_quantile(c.n_pairs - 1) + _t_quantile(c.n_pairs - 1, POWER)) * c.n_pairs ** 0.5
+            std = summarize([100 * (cutout[s]["test_acc"] - none[s]["test_acc"]) for s in cutout if s in none]).std
             out["paired_std"] = std
             out["seeds_to_detect"] = {str(e): seeds_to_detect(e, std) for e in PAPER_EFFECTS}
         out["cutout_beats_none"] = None if c.ci_low is None else c.ci_low > 0  # None: one seed, no interval
